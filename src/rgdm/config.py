@@ -1,0 +1,260 @@
+"""Validated dataclass configs with YAML load/save.
+
+Every run is described by one ``RunConfig``; its YAML form is copied into the run directory and
+stored in checkpoints as a plain dict (never a pickled object). Unknown keys, wrong types and
+out-of-range values raise ``ConfigError`` with one line naming the key, so a typo in a YAML file
+is reported as ``model.hiden_nf: unknown key (did you mean 'hidden_nf'?)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the offending key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "qm9"  # "qm9" or "files"
+    remove_h: bool = True
+    files: list[str] = field(default_factory=list)  # xyz/sdf files or directories when dataset == "files"
+    conditioning: list[str] = field(default_factory=list)  # QM9 properties fed to the network as context
+    train_split: str = "train"  # "train", "Da", "Db" (EDM's conditional protocol trains generators on Db)
+    max_train_molecules: int = 0  # 0 = all; a positive value takes a fixed random subset (for quick runs)
+
+    def validate(self) -> None:
+        _check_choice("data.dataset", self.dataset, ("qm9", "files"))
+        _check_choice("data.train_split", self.train_split, ("train", "Da", "Db", "all"))
+        if self.dataset == "files" and not self.files:
+            raise ConfigError("data.files: list at least one .xyz/.sdf file or directory when dataset is 'files'")
+        from rgdm.data.properties import PROPERTIES
+
+        for name in self.conditioning:
+            _check_choice("data.conditioning", name, PROPERTIES)
+        _check_range("data.max_train_molecules", self.max_train_molecules, low=0)
+
+
+@dataclass
+class ModelConfig:
+    hidden_nf: int = 64
+    n_layers: int = 4
+    attention: bool = True
+    tanh: bool = True
+    coords_range: float = 15.0
+    norm_constant: float = 1.0
+    normalization_factor: float = 1.0
+    inv_sublayers: int = 1
+
+    def validate(self) -> None:
+        _check_range("model.hidden_nf", self.hidden_nf, low=1)
+        _check_range("model.n_layers", self.n_layers, low=1)
+        _check_range("model.inv_sublayers", self.inv_sublayers, low=1)
+        _check_range("model.normalization_factor", self.normalization_factor, low=1e-12)
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 500
+    schedule: str = "polynomial_2"  # "polynomial_2" (EDM) or "cosine"
+    precision: float = 1e-5  # EDM's noise_precision: alpha_0^2 = 1 - 2 * precision
+    norm_values: tuple[float, float, float] = (1.0, 4.0, 10.0)  # EDM's scaling of x, one-hot, charge
+    include_charges: bool = True
+
+    def validate(self) -> None:
+        _check_range("diffusion.timesteps", self.timesteps, low=2)
+        _check_choice("diffusion.schedule", self.schedule, ("polynomial_2", "cosine"))
+        _check_range("diffusion.precision", self.precision, low=0.0, high=0.1)
+        if len(self.norm_values) != 3 or min(self.norm_values) <= 0:
+            raise ConfigError("diffusion.norm_values: expected three positive numbers (x, one-hot, charge)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 1e-12
+    grad_clip: float = 2.0  # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.999  # 0 disables the EMA copy
+    seed: int = 0
+    log_every: int = 50
+    val_every: int = 500
+    val_batches: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    num_threads: int = 0  # torch threads; 0 = torch's default
+
+    def validate(self) -> None:
+        _check_range("train.steps", self.steps, low=1)
+        _check_range("train.batch_size", self.batch_size, low=1)
+        _check_range("train.lr", self.lr, low=0.0)
+        _check_range("train.grad_clip", self.grad_clip, low=0.0)
+        _check_range("train.ema_decay", self.ema_decay, low=0.0, high=1.0)
+        for key in ("log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
+            _check_range(f"train.{key}", getattr(self, key), low=1)
+        _check_range("train.val_batches", self.val_batches, low=0)
+        _check_range("train.max_minutes", self.max_minutes, low=0.0)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name: {self.name!r} must be a non-empty directory name without '/'")
+        for section in (self.data, self.model, self.diffusion, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Generic (de)serialisation of nested dataclasses with strict checking.
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict (lists, not tuples) of a dataclass config, safe for YAML and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def from_dict(cls: type, values: dict[str, Any] | None, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types."""
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key{_did_you_mean(str(key), fields)}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, cls: type = RunConfig, overrides: dict[str, Any] | None = None) -> Any:
+    """Read, merge ``overrides`` (dotted keys, e.g. ``{"train.steps": 10}``) and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    for dotted, value in (overrides or {}).items():
+        set_dotted(values, dotted, value)
+    config = from_dict(cls, values)
+    return config.validate()
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "train.steps", 5)`` sets ``d["train"]["steps"] = 5``, creating sections."""
+    *parents, leaf = dotted.split(".")
+    node = values
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def _check_choice(where: str, value: Any, choices: typing.Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
+                          f"{_did_you_mean(str(value), map(str, choices)) if isinstance(value, str) else ''}")
+
+
+def _check_range(where: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"{where}: {value} is outside {bounds}")

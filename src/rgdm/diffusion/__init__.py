@@ -1,0 +1,1 @@
+"""Noise schedules, the equivariant diffusion model, reverse steps and samplers."""
