@@ -277,7 +277,8 @@ def _assemble(columns: _Columns) -> tuple[MoleculeDataset, Tensor]:
 
     n_max = int(num_atoms.max())
     positions = torch.zeros(len(num_atoms), n_max, 3, dtype=torch.float64)
-    positions[molecule_of_atom, slot_of_atom] = torch.tensor(columns.coordinates, dtype=torch.float64).view(-1, 3)
+    coordinates = torch.tensor(columns.coordinates, dtype=torch.float64).view(-1, 3)
+    positions[molecule_of_atom, slot_of_atom] = coordinates
     atom_types = torch.zeros(len(num_atoms), n_max, dtype=torch.long)
     atom_types[molecule_of_atom, slot_of_atom] = torch.tensor(columns.atom_types, dtype=torch.long)
     mask = torch.arange(n_max) < num_atoms.unsqueeze(1)
