@@ -1,0 +1,147 @@
+"""Physics rewards: GFN2-xTB single points with tblite on the generated geometry.
+
+Properties and units (EDM's units for QM9's columns): ``xtb_homo``, ``xtb_lumo``, ``xtb_gap`` in
+meV, ``xtb_dipole`` in Debye, ``xtb_energy`` (total energy) in eV. No geometry optimisation: the
+reward judges the geometry the model generated.
+
+tblite and torch ship different OpenMP runtimes that slow each other 10-100x in one process, so
+these rewards run only in worker processes started with ``OMP_NUM_THREADS=1``
+(:mod:`rgdm.rewards.execution`); tblite is imported there and never in the training process.
+An SCF that fails or does not converge makes the sample invalid; it is never a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from rgdm.rewards.molecule import Molecule
+from rgdm.rewards.registry import register_reward
+from rgdm.rewards.scoring import InvalidSample, PerMolecule, RewardSetupError
+
+BOHR_PER_ANGSTROM = 1.0 / 0.52917721067
+HARTREE_TO_MEV = 27211.4  # the factor of rgdm.data.qm9, so rewards and data agree
+HARTREE_TO_EV = 27.211386
+AU_TO_DEBYE = 2.541746
+QUANTITIES = {"homo": "meV", "lumo": "meV", "gap": "meV", "dipole": "D", "energy": "eV"}
+METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
+
+
+def import_tblite() -> None:
+    """Worker warm-up; refuses to load tblite where OpenMP is not pinned to one thread."""
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        raise RewardSetupError(
+            "xTB rewards must run in a worker process started with OMP_NUM_THREADS=1 "
+            "(use backend 'process' or 'ray'; torch and tblite OpenMP runtimes conflict)")
+    import tblite.interface  # noqa: F401 - imported for its one-off start-up cost
+
+
+def unpaired_electrons(atomic_numbers: np.ndarray, charge: int) -> int:
+    """0 for an even number of electrons, 1 for an odd number (lowest spin state)."""
+    return int(atomic_numbers.sum() - charge) % 2
+
+
+def frontier_orbitals(energies: np.ndarray, occupations: np.ndarray) -> tuple[float, float]:
+    """(HOMO, LUMO) energies in Hartree from tblite's orbital energies and occupations.
+
+    The electron count (the sum of occupations) fixes the HOMO by aufbau, which is robust to the
+    fractional occupations of Fermi smearing. Spin-resolved arrays ([2, n]) are handled per channel.
+    """
+    energies, occupations = np.atleast_2d(energies), np.atleast_2d(occupations)
+    per_orbital = 2 if energies.shape[0] == 1 else 1
+    homos, lumos = [], []
+    for channel_energies, channel_occupations in zip(energies, occupations, strict=True):
+        ordered = np.sort(channel_energies)
+        n_occupied = math.ceil(round(float(channel_occupations.sum()), 6) / per_orbital)
+        if n_occupied < 1 or n_occupied >= len(ordered):
+            raise InvalidSample(f"no HOMO/LUMO pair ({n_occupied} occupied of {len(ordered)} orbitals)")
+        homos.append(ordered[n_occupied - 1])
+        lumos.append(ordered[n_occupied])
+    return float(max(homos)), float(min(lumos))
+
+
+def xtb_singlepoint(molecule: Molecule, method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None,
+                    accuracy: float = 1.0, max_iter: int = 250, electronic_temperature: float = 300.0) -> Any:
+    """tblite Result of a single point; InvalidSample if the input or the SCF fails."""
+    from tblite.interface import Calculator
+
+    if not molecule.symbols:
+        raise InvalidSample("a point cloud has no atom types")
+    if not np.isfinite(molecule.positions).all():
+        raise InvalidSample("non-finite coordinates")
+    numbers = molecule.atomic_numbers
+    spin = unpaired_electrons(numbers, charge) if uhf is None else uhf
+    try:
+        positions_bohr = molecule.positions * BOHR_PER_ANGSTROM
+        calculator = Calculator(method, numbers, positions_bohr, charge=charge, uhf=spin)
+        calculator.set("verbosity", 0)
+        calculator.set("accuracy", accuracy)
+        calculator.set("max-iter", max_iter)
+        calculator.set("temperature", electronic_temperature * 3.166808578545117e-06)  # K -> Hartree
+        return calculator.singlepoint()
+    except (RuntimeError, ValueError) as error:  # tblite's TBLiteRuntimeError / TBLiteValueError
+        raise InvalidSample(f"xTB failed: {str(error).strip()}") from None
+
+
+def xtb_property(molecule: Molecule, quantity: str, **settings: Any) -> float:
+    """One property of a GFN-xTB single point in the units of ``QUANTITIES``."""
+    result = xtb_singlepoint(molecule, **settings)
+    if quantity == "dipole":
+        return float(np.linalg.norm(result.get("dipole"))) * AU_TO_DEBYE
+    if quantity == "energy":
+        return float(result.get("energy")) * HARTREE_TO_EV
+    homo, lumo = frontier_orbitals(result.get("orbital-energies"), result.get("orbital-occupations"))
+    return {"homo": homo, "lumo": lumo, "gap": lumo - homo}[quantity] * HARTREE_TO_MEV
+
+
+def _xtb_scorer(quantity: str, method: str, charge: int, uhf: int | None, accuracy: float, max_iter: int,
+                electronic_temperature: float) -> PerMolecule:
+    if method not in METHODS:
+        raise ValueError(f"xTB method must be one of {', '.join(METHODS)}, got {method!r}")
+    if uhf is not None and uhf < 0:
+        raise ValueError(f"uhf (number of unpaired electrons) must be >= 0, got {uhf}")
+    settings = {"method": method, "charge": int(charge), "uhf": uhf, "accuracy": float(accuracy),
+                "max_iter": int(max_iter), "electronic_temperature": float(electronic_temperature)}
+    return PerMolecule(xtb_property, {"quantity": quantity, **settings}, setup=import_tblite)
+
+
+# Parameters shared by every xTB reward: charge (total, e), uhf (unpaired electrons; None = 0 or 1 by
+# electron-count parity), accuracy and max_iter of the SCF, electronic temperature in K.
+
+
+@register_reward("xtb_homo", units="meV", worker_only=True)
+def xtb_homo(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
+             max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+    """HOMO energy (meV) of a GFN2-xTB single point."""
+    return _xtb_scorer("homo", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+
+
+@register_reward("xtb_lumo", units="meV", worker_only=True)
+def xtb_lumo(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
+             max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+    """LUMO energy (meV) of a GFN2-xTB single point."""
+    return _xtb_scorer("lumo", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+
+
+@register_reward("xtb_gap", units="meV", worker_only=True)
+def xtb_gap(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
+            max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+    """HOMO-LUMO gap (meV) of a GFN2-xTB single point."""
+    return _xtb_scorer("gap", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+
+
+@register_reward("xtb_dipole", units="D", worker_only=True)
+def xtb_dipole(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
+               max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+    """Dipole moment magnitude (Debye) of a GFN2-xTB single point."""
+    return _xtb_scorer("dipole", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+
+
+@register_reward("xtb_energy", units="eV", worker_only=True)
+def xtb_energy(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
+               max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+    """Total energy (eV) of a GFN2-xTB single point."""
+    return _xtb_scorer("energy", method, charge, uhf, accuracy, max_iter, electronic_temperature)
