@@ -1,8 +1,11 @@
 """Chemistry rewards with RDKit: validity, QED, SA score, logP, ring and atom-count constraints.
 
 Molecules are built from generated coordinates by :func:`rgdm.eval.bonds.build_rdkit_mol`, the
-same code the evaluation metrics use (``method="edm"``: EDM's distance-based bonds, the default;
-``method="rdkit"``: RDKit's DetermineBonds, which also assigns formal charges). Properties are
+same code the evaluation metrics use. ``validity`` defaults to ``method="edm"`` (EDM's distance-based
+bonds), so the reward and the validity metric agree. The property rewards default to
+``method="rdkit"`` (RDKit's DetermineBonds, which also assigns formal charges and aromaticity):
+on force-field geometries of drug-like molecules EDM's bond-length rules misread aromatic rings, while
+DetermineBonds reproduces the properties of the SMILES-derived molecule exactly (tested). Properties are
 computed on the largest fragment with hydrogens made implicit, as for a SMILES-derived molecule.
 A molecule that does not sanitise is an *invalid sample* (penalised), except for ``validity``,
 which scores it 0.
@@ -77,26 +80,28 @@ def validity_score(molecule: Molecule, method: str = "edm", allow_fragments: boo
     return 1.0
 
 
-def qed_score(molecule: Molecule, method: str = "edm") -> float:
+def qed_score(molecule: Molecule, method: str = "rdkit") -> float:
     from rdkit.Chem import QED
 
     return QED.qed(sanitized_fragment(molecule, method))
 
 
-def sa_score(molecule: Molecule, method: str = "edm") -> float:
+def sa_score(molecule: Molecule, method: str = "rdkit") -> float:
     return _sascorer().calculateScore(sanitized_fragment(molecule, method))
 
 
-def logp_score(molecule: Molecule, method: str = "edm") -> float:
+def logp_score(molecule: Molecule, method: str = "rdkit") -> float:
     from rdkit.Chem import Crippen
 
     return Crippen.MolLogP(sanitized_fragment(molecule, method))
 
 
-def ring_violation(molecule: Molecule, method: str = "edm", min_rings: int = 0, max_rings: int | None = None,
-                   min_ring_size: int | None = None, max_ring_size: int | None = None) -> float:
+def ring_violation(molecule: Molecule, method: str = "rdkit", min_rings: int = 0,
+                   max_rings: int | None = None, min_ring_size: int | None = None,
+                   max_ring_size: int | None = None) -> float:
     """Minus the amount by which the ring constraints are broken (0.0 when all hold)."""
-    ring_sizes = [len(ring) for ring in sanitized_fragment(molecule, method).GetRingInfo().AtomRings()]
+    mol = sanitized_fragment(molecule, method)  # keep a reference: RingInfo does not own the molecule
+    ring_sizes = [len(ring) for ring in mol.GetRingInfo().AtomRings()]
     violation = max(0, min_rings - len(ring_sizes))
     if max_rings is not None:
         violation += max(0, len(ring_sizes) - max_rings)
@@ -157,26 +162,26 @@ def validity(method: str = "edm", allow_fragments: bool = True) -> PerMolecule:
 
 
 @register_reward("qed", units="QED in [0, 1]")
-def qed(method: str = "edm") -> PerMolecule:
+def qed(method: str = "rdkit") -> PerMolecule:
     """Quantitative estimate of drug-likeness (Bickerton et al. 2012), higher is more drug-like."""
     return PerMolecule(qed_score, {"method": _checked_method(method)}, setup=import_rdkit)
 
 
 @register_reward("sa_score", units="SA score in [1, 10], lower is easier to make")
-def sa(method: str = "edm") -> PerMolecule:
+def sa(method: str = "rdkit") -> PerMolecule:
     """Synthetic accessibility score (1 easy .. 10 hard); use a negative weight to reward easy ones."""
     sascorer_path()  # fail at configuration time, not on every sample
     return PerMolecule(sa_score, {"method": _checked_method(method)}, setup=import_rdkit)
 
 
 @register_reward("logp", units="Crippen logP")
-def logp(method: str = "edm") -> PerMolecule:
+def logp(method: str = "rdkit") -> PerMolecule:
     """Crippen octanol-water partition coefficient."""
     return PerMolecule(logp_score, {"method": _checked_method(method)}, setup=import_rdkit)
 
 
 @register_reward("ring_constraint", units="-(number of broken ring constraints)")
-def ring_constraint(method: str = "edm", min_rings: int = 0, max_rings: int | None = None,
+def ring_constraint(method: str = "rdkit", min_rings: int = 0, max_rings: int | None = None,
                     min_ring_size: int | None = None, max_ring_size: int | None = None) -> PerMolecule:
     """0 when the ring count and every ring size are within bounds, minus the violations otherwise."""
     params = {"method": _checked_method(method), "min_rings": min_rings, "max_rings": max_rings,

@@ -179,8 +179,8 @@ class PropertyReward(Reward):
         known: dict[str, Outcome] = {}
         if self._cache is not None:
             known = {k: self._cache[k] for k in keys if k in self._cache}
-            self._stats.cache_hits += sum(k in known for k in keys)
         todo = {k: i for i, k in reversed(list(enumerate(keys))) if k not in known}  # first occurrence
+        self._stats.cache_hits += len(keys) - len(todo)  # cached, or a duplicate within the batch
         if todo:
             indices = sorted(todo.values())
             fresh = run_isolated(self._backend, [molecules[i] for i in indices],
