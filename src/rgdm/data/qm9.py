@@ -25,12 +25,7 @@ import torch
 from torch import Tensor
 
 from rgdm.data.dataset import DataError, MoleculeDataset, centre_positions
-
-HARTREE_TO_MEV = 27211.4
-"""EDM's conversion of HOMO/LUMO/gap from Hartree to meV."""
-
-PROPERTIES = ("alpha", "gap", "homo", "lumo", "mu", "Cv")
-UNITS = {"alpha": "Bohr^3", "gap": "meV", "homo": "meV", "lumo": "meV", "mu": "D", "Cv": "cal/(mol K)"}
+from rgdm.data.properties import HARTREE_TO_MEV, PROPERTIES, UNITS  # noqa: F401 (re-exported)
 
 ELEMENTS = ("H", "C", "N", "O", "F")
 ELEMENTS_NO_H = ("C", "N", "O", "F")

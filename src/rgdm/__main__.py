@@ -1,0 +1,5 @@
+import sys
+
+from rgdm.cli import main
+
+sys.exit(main())

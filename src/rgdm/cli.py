@@ -1,0 +1,177 @@
+"""The ``rgdm`` command line: thin wrappers around library functions.
+
+Every command reports user errors (bad config, missing file, incompatible checkpoint) as one line
+on stderr with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="rgdm: equivariant diffusion models of molecules, steered by black-box rewards.")
+
+RUNS_DIR = Path("runs")
+
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config value, e.g. --set train.steps=100 (repeatable).")]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rgdm.config import ConfigError
+    from rgdm.data.dataset import DataError
+    from rgdm.training.checkpoint import CheckpointError
+    from rgdm.training.pretrain import RunExistsError
+
+    return ConfigError, DataError, CheckpointError, RunExistsError, FileNotFoundError
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, object]:
+    from rgdm.config import ConfigError
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair}: expected key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Path, typer.Option(help="YAML config (see configs/).")],
+    name: Annotated[str | None, typer.Option(help="Run name (default: the config's name).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint bit-for-bit.")] = False,
+    set_: SetOption = None,
+    sample: Annotated[int, typer.Option(help="Molecules to sample and evaluate at the end (0 = none).")] = 0,
+) -> None:
+    """Train a molecule diffusion model by maximum likelihood (EDM's loss)."""
+    from rgdm.config import load_config
+    from rgdm.eval.sampling import sample_and_evaluate
+    from rgdm.training.pretrain import pretrain as run_pretrain
+
+    overrides = _overrides(set_)
+    if name:
+        overrides["name"] = name
+    cfg = load_config(config, overrides=overrides)
+    run_dir = RUNS_DIR / cfg.name
+    trainer = run_pretrain(cfg, run_dir, resume=resume)
+    typer.echo(f"checkpoints in {run_dir / 'checkpoints'}")
+    if sample:
+        metrics = sample_and_evaluate(trainer.sampling_model, sample, run_dir / "samples", seed=cfg.train.seed)
+        typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command("sample")
+def sample_cmd(
+    model: Annotated[str, typer.Argument(help="Run directory, checkpoint file, or shipped model name.")],
+    n: Annotated[int, typer.Option(help="Number of molecules.")] = 100,
+    out: Annotated[Path | None, typer.Option(help="Output .xyz (default: <run>/samples/samples.xyz).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (fewer than T: DDIM).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int, typer.Option()] = 100,
+) -> None:
+    """Sample molecules and write them as .xyz and .sdf (EDM-perceived bonds)."""
+    from rgdm.data.readers import write_xyz
+    from rgdm.eval.sampling import molecule_list, sample_in_chunks
+    from rgdm.runs import load_model
+
+    loaded = load_model(model)
+    out = out or _default_dir(model, loaded) / "samples.xyz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    molecules = molecule_list(sample_in_chunks(loaded.model, n, batch_size, steps, seed))
+    write_xyz(out, molecules)
+    _write_sdf(out.with_suffix(".sdf"), molecules)
+    typer.echo(f"wrote {len(molecules)} molecules to {out} and {out.with_suffix('.sdf')}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Run directory, checkpoint, shipped model name, or an .xyz/.sdf file.")],
+    n: Annotated[int, typer.Option(help="Molecules to sample when MODEL is a model.")] = 1000,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (fewer than T: DDIM).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    novelty: Annotated[bool, typer.Option(help="Compare against QM9 training SMILES.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Metrics JSON path.")] = None,
+) -> None:
+    """EDM's metrics (atom/molecule stability, validity, uniqueness, novelty) of samples or files."""
+    from rgdm.eval.molecules import evaluate_molecules
+    from rgdm.eval.sampling import qm9_training_smiles, sample_and_evaluate
+
+    training = qm9_training_smiles() if novelty else None
+    path = Path(model)
+    if path.is_file() and path.suffix.lower() in (".xyz", ".sdf"):
+        from rgdm.data.readers import read_sdf, read_xyz
+
+        molecules = read_xyz(path) if path.suffix.lower() == ".xyz" else read_sdf(path)
+        metrics = evaluate_molecules(molecules, training)
+        out = out or path.with_name(path.stem + "_metrics.json")
+    else:
+        from rgdm.runs import load_model
+
+        loaded = load_model(model)
+        out_dir = _default_dir(model, loaded) / "samples"
+        metrics = sample_and_evaluate(loaded.model, n, out_dir, tag=f"eval_n{n}", num_steps=steps, seed=seed,
+                                      training_smiles=training)
+        out = out or out_dir / f"eval_n{n}_metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(f"metrics written to {out}")
+
+
+def _default_dir(model: str, loaded) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return RUNS_DIR / f"pretrained-{model}"
+
+
+def _write_sdf(path: Path, molecules) -> None:
+    from rdkit import Chem
+
+    from rgdm.eval.bonds import build_rdkit_mol
+
+    writer = Chem.SDWriter(str(path))
+    writer.SetKekulize(False)
+    for symbols, positions in molecules:
+        mol = build_rdkit_mol(symbols, positions, method="edm")
+        if mol is not None:
+            writer.write(mol)
+    writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except _user_errors() as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except typer.Exit as exit_:
+        return exit_.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            return err.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

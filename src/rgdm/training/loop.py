@@ -1,0 +1,260 @@
+"""The one training loop. Objectives (MLE pre-training, RGDM, DDPO, RWR, ...) plug into it.
+
+The loop owns what every method shares: the optimizer (AdamW), gradient clipping, the EMA copy,
+logging (progress bar, CSV, TensorBoard), periodic evaluation, atomic checkpoints and exact resume.
+An objective owns what differs: how a loss is computed at a step, and any state it carries
+(a data stream position, reward statistics, an adaptive temperature).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from rgdm.config import TrainConfig
+from rgdm.training.checkpoint import (
+    CheckpointError,
+    latest_good_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+log = logging.getLogger("rgdm.training")
+
+# Config keys that may differ when a run is resumed: they say how long and how verbosely to run,
+# not what is computed (extending ``train.steps`` is how a finished run is continued).
+RESUMABLE_CHANGES = frozenset({
+    "train.steps", "train.max_minutes", "train.log_every", "train.val_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.num_threads",
+})
+
+
+class Objective(Protocol):
+    """What a training method provides to the loop."""
+
+    name: str
+
+    def loss(self, model: nn.Module, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss to minimise at ``step`` and metrics to log."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (a full module, used for sampling)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.module.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+
+
+class MetricsLog:
+    """Append-only CSV (one row per logged step, columns grow as new metrics appear) + TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            with self.path.open() as handle:
+                self.rows = [dict(row) for row in csv.DictReader(handle)]
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """Drop rows after ``step`` (a resumed run re-logs them exactly)."""
+        self.rows = [r for r in self.rows if int(float(r["step"])) <= step]
+        self._rewrite()
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append({"step": step, **metrics})
+        self._rewrite()
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def _rewrite(self) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns or ["step"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    """Runs ``objective`` on ``model`` for ``config.steps`` optimizer steps in ``run_dir``.
+
+    ``run_info`` is stored in every checkpoint (the run config as a dict, the model spec) so that a
+    checkpoint alone rebuilds the model. ``evaluate(ema_model, step) -> metrics`` runs every
+    ``config.val_every`` steps.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, config: TrainConfig, run_dir: str | Path,
+                 run_info: dict[str, Any], evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
+                 tensorboard: bool = True, progress: bool = True):
+        self.model = model
+        self.objective = objective
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.run_info = run_info
+        self.evaluate = evaluate
+        self.tensorboard = tensorboard
+        self.progress = progress
+        self.optimizer = torch.optim.AdamW(
+            (p for p in model.parameters() if p.requires_grad), lr=config.lr, weight_decay=config.weight_decay,
+            amsgrad=True,
+        )
+        self.ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+        self.step = 0
+        self.elapsed = 0.0  # training wall time over all resumed segments
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The model to sample from: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    # ------------------------------------------------------------------------------------- #
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.run_info,
+            "step": self.step,
+            "elapsed_seconds": self.elapsed,
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.state_dict(), self.checkpoint_dir / f"step_{self.step:08d}.pt")
+        prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
+        return path
+
+    def resume(self) -> bool:
+        """Continue from the newest good checkpoint of the run; False when there is none."""
+        found = latest_good_checkpoint(self.checkpoint_dir)
+        if found is None:
+            return False
+        path, state = found
+        changed = [k for k in _changed_keys(state.get("config") or {}, self.run_info.get("config") or {})
+                   if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise CheckpointError(f"{path}: the run was started with a different config "
+                                  f"(changed: {', '.join(changed)}); use a new run name")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise CheckpointError(f"{path}: checkpoint has no EMA weights but the config enables EMA")
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed_seconds", 0.0))
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------------------------- #
+    def fit(self) -> dict[str, float]:
+        """Train until ``config.steps`` (or ``max_minutes``); returns the last logged metrics."""
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_log = MetricsLog(self.run_dir, self.tensorboard)
+        metrics_log.truncate(self.step)
+        started = time.perf_counter()
+        elapsed_before = self.elapsed
+        window: dict[str, list[float]] = {}
+        last: dict[str, float] = {}
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=self.objective.name, dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                metrics = self._train_step()
+                self.step += 1
+                self.elapsed = elapsed_before + time.perf_counter() - started
+                for key, value in metrics.items():
+                    window.setdefault(key, []).append(value)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    last = {k: sum(v) / len(v) for k, v in window.items()}
+                    last["wall_seconds"] = round(self.elapsed, 3)
+                    if self.evaluate is not None and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                        last.update(self.evaluate(self.sampling_model, self.step))
+                    metrics_log.write(self.step, last)
+                    window = {}
+                out_of_time = cfg.max_minutes > 0 and self.elapsed - elapsed_before > cfg.max_minutes * 60
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or out_of_time:
+                    self.save()
+                if out_of_time:
+                    log.info("stopping at step %d: max_minutes=%s reached", self.step, cfg.max_minutes)
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics_log.close()
+        (self.run_dir / "last_metrics.json").write_text(json.dumps({"step": self.step, **last}, indent=2))
+        return last
+
+    def _train_step(self) -> dict[str, float]:
+        self.model.train()
+        loss, metrics = self.objective.loss(self.model, self.step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: loss is {loss.item()} (lower train.lr or check the data)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            metrics["grad_norm"] = float(grad_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        metrics["loss"] = loss.item()
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
