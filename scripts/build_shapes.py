@@ -15,16 +15,20 @@ Command (one-off; the result is committed, so users need neither package)::
 
 Every cloud is a fresh surface sample of one source mesh, then a random smooth deformation:
 
-1. the mesh is centred on its bounding box and scaled so its longest half-extent is 1;
+1. the mesh is turned into its principal-axes frame (see 5), centred on its bounding box and
+   scaled so its longest half-extent is 1;
 2. ``points`` points are drawn uniformly on the surface (area-weighted triangles);
-3. smooth non-rigid deformation: a twist about the mesh's z axis (up to ``--max-twist`` rad per
+3. smooth non-rigid deformation: a twist about the mesh's z axis (up to ``max_twist`` rad per
    unit length) plus a random Fourier displacement field d(x) = sum_j a_j sin(w_j . x + phi_j)
    with small amplitudes, so the map stays a diffeomorphism (its Jacobian is close to identity);
 4. anisotropic scale: an independent log-uniform factor per axis in [1/s, s];
-5. a uniformly random rotation in SO(3). The source meshes share no common "up" axis (CGAL's
-   files are z-up, y-up or arbitrary), and the diffusion models in rgdm are E(3)-equivariant, so
-   their density is rotation invariant: a rotation-invariant data distribution is what they can
-   represent exactly. (PointFlow's ShapeNet is aligned instead; this set is not.)
+5. a small random rotation (random axis, angle up to ``max_tilt_degrees`` degrees). The clouds are
+   aligned like ShapeNet's: the source meshes share no common "up" axis (CGAL's files are z-up,
+   y-up or arbitrary), so step 1 also turns every mesh into its principal-axes frame (x = most
+   spread, z = least; each axis signed so the surface's third moment along it is positive).
+   Aligned data keep Chamfer/EMD-based metrics about shape rather than orientation: with full
+   random rotations, 1-NNA-CD between different classes dropped to near chance. Loaders can add
+   uniform SO(3) rotations on request (``load_shapes(..., random_rotation=True)``).
 6. normalisation as Luo & Hu train their generators (``scale_mode='shape_unit'``): zero mean per
    cloud, unit standard deviation over all its coordinates.
 
@@ -106,6 +110,7 @@ class DeformationSettings:
     field_frequency: float = 1.5   # std of the wave vectors; wavelength ~ object size
     field_modes: int = 6
     max_scale: float = 1.3         # per-axis factor drawn log-uniformly in [1/max_scale, max_scale]
+    max_tilt_degrees: float = 15.0  # angle of the final small random rotation
 
 
 @dataclass(frozen=True)
@@ -201,15 +206,29 @@ def fourier_displacement(points: np.ndarray, settings: DeformationSettings,
     return points + np.sin(points @ wave_vectors.T + phases) @ amplitudes
 
 
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """Uniform (Haar) rotation matrix from a uniformly random unit quaternion."""
-    quaternion = rng.normal(size=4)  # an isotropic Gaussian direction is uniform on S^3
-    w, x, y, z = quaternion / np.linalg.norm(quaternion)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+def principal_axes_frame(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Vertices rotated into the surface's principal axes (x most spread), signed by skewness.
+
+    Statistics come from a dense fixed-seed surface sample, so they weigh area, not vertex density.
+    """
+    surface = sample_surface(vertices, faces, 20000, np.random.default_rng(0))
+    centre = surface.mean(axis=0)
+    _, eigenvectors = np.linalg.eigh(np.cov((surface - centre).T))
+    axes = eigenvectors[:, ::-1]  # columns by decreasing variance
+    skew = np.sum(((surface - centre) @ axes) ** 3, axis=0)
+    axes = axes * np.where(skew < 0, -1.0, 1.0)
+    if np.linalg.det(axes) < 0:  # keep a proper rotation: flip the least-spread axis
+        axes[:, 2] = -axes[:, 2]
+    return (vertices - centre) @ axes
+
+
+def small_rotation(max_degrees: float, rng: np.random.Generator) -> np.ndarray:
+    """Rotation about a uniformly random axis by an angle uniform in [-max, max] (Rodrigues)."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
 
 
 def shape_unit(points: np.ndarray) -> np.ndarray:
@@ -224,7 +243,7 @@ def deformed_cloud(mesh_vertices: np.ndarray, faces: np.ndarray, count: int,
     points = fourier_displacement(points, settings, rng)
     log_max = np.log(settings.max_scale)
     points = points * np.exp(rng.uniform(-log_max, log_max, size=3))
-    points = points @ random_rotation(rng).T
+    points = points @ small_rotation(settings.max_tilt_degrees, rng).T
     return shape_unit(points)
 
 
@@ -246,15 +265,15 @@ def build(clouds_per_class: int, points: int, seed: int, settings: DeformationSe
     rng = np.random.default_rng(seed)
     meshes = load_all_meshes(workdir)
     class_names = list(CLASSES)
+    canonical = [centre_and_scale(principal_axes_frame(m.vertices, m.faces)) for _, m in meshes]
     clouds, labels, sources = [], [], []
     for label, name in enumerate(class_names):
         members = [i for i, (cls, _) in enumerate(meshes) if cls == name]
         # Round-robin over the class's meshes: each contributes (almost) equally.
         for k in range(clouds_per_class):
             source = members[k % len(members)]
-            mesh = meshes[source][1]
-            vertices = centre_and_scale(mesh.vertices)
-            clouds.append(deformed_cloud(vertices, mesh.faces, points, settings, rng))
+            faces = meshes[source][1].faces
+            clouds.append(deformed_cloud(canonical[source], faces, points, settings, rng))
             labels.append(label)
             sources.append(source)
     labels_array = np.asarray(labels, dtype=np.int16)
@@ -262,6 +281,7 @@ def build(clouds_per_class: int, points: int, seed: int, settings: DeformationSe
     metadata = {
         "format": "rgdm.MeshShapes/1",
         "normalization": "shape_unit",
+        "orientation": "principal axes of each source mesh, then a small random rotation",
         "seed": seed,
         "points_per_cloud": points,
         "clouds_per_class": clouds_per_class,

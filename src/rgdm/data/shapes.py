@@ -4,7 +4,8 @@ Two sources give the same in-memory type, :class:`PointCloudDataset`:
 
 * :func:`load_shapes` reads the set shipped with rgdm (``rgdm/data/shapes/mesh_shapes.npz``):
   five shape categories sampled from real meshes of pymeshlab and Debian's libcgal-demo, with
-  random smooth deformations. ``scripts/build_shapes.py`` builds it and documents how.
+  random smooth deformations, aligned like ShapeNet (principal axes of each source mesh).
+  ``scripts/build_shapes.py`` builds it and documents how.
 * :func:`load_pc15k` reads ShapeNetCore in PointFlow's layout
   ``<root>/<synset_id>/{train,val,test}/<model>.npy`` (each ``[15000, 3]``).
 
@@ -106,6 +107,17 @@ def normalize_point_clouds(points: Tensor, mode: str | None,
     # A degenerate cloud (all points equal) keeps its size instead of dividing by zero.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (points - shift) / scale
+
+
+def random_rotations(count: int, generator: torch.Generator | None = None) -> Tensor:
+    """[count, 3, 3] uniformly random (Haar) rotation matrices, from random unit quaternions."""
+    quaternions = torch.randn(count, 4, generator=generator)  # isotropic, so uniform on S^3
+    w, x, y, z = (quaternions / quaternions.norm(dim=1, keepdim=True)).unbind(dim=1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+    ], dim=1).reshape(count, 3, 3)
 
 
 def subsample_points(points: Tensor, n_points: int, generator: torch.Generator | None = None) -> Tensor:
@@ -230,7 +242,7 @@ def shapes_metadata(path: str | Path = SHAPES_FILE) -> dict[str, Any]:
 
 
 def load_shapes(split: str = "train", n_points: int | None = None, normalize: str | None = "shape_unit",
-                classes: Sequence[str] | None = None, seed: int = 0,
+                classes: Sequence[str] | None = None, seed: int = 0, random_rotation: bool = False,
                 path: str | Path = SHAPES_FILE) -> PointCloudDataset:
     """The embedded mesh shape set (fixed stratified 70/10/20 split stored in the file).
 
@@ -238,6 +250,9 @@ def load_shapes(split: str = "train", n_points: int | None = None, normalize: st
     normalize: applied to the full stored clouds before subsampling, as PointFlow does; the file
                is already "shape_unit", so the default keeps the stored clouds unchanged.
     classes:   keep only these categories (labels are re-indexed in the given order).
+    random_rotation: turn every cloud by a uniform random rotation (drawn with ``seed``). The
+               stored clouds are aligned (each source mesh in its principal-axes frame, plus a
+               small tilt), like ShapeNet; rotate them to study rotation-invariant models.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -262,8 +277,11 @@ def load_shapes(split: str = "train", n_points: int | None = None, normalize: st
         stats = GlobalStats.from_points(all_points[(split_codes == _SPLIT_CODES["train"]) & (labels >= 0)])
     keep = torch.nonzero((split_codes == _SPLIT_CODES[split]) & (labels >= 0)).flatten()
     points = normalize_point_clouds(all_points[keep], normalize, stats)
+    generator = torch.Generator().manual_seed(seed)
     if n_points is not None:
-        points = subsample_points(points, n_points, torch.Generator().manual_seed(seed))
+        points = subsample_points(points, n_points, generator)
+    if random_rotation:
+        points = points @ random_rotations(len(points), generator).transpose(1, 2)
     source_names = [str(name) for name in arrays["source_files"]]
     sources = tuple(source_names[i] for i in arrays["source"][keep.numpy()])
     return PointCloudDataset(points=points.contiguous(), labels=labels[keep], class_names=tuple(wanted),
