@@ -126,6 +126,90 @@ class RunConfig:
         return to_dict(self)
 
 
+@dataclass
+class RGDMConfig:
+    """Reward-guided exploration (docs/rgdm.md). Defaults are the ones the README's results use."""
+
+    variant: str = "step"  # "step" (per-step pay-off) or "sequence" (weights over whole samples)
+    batch_size: int = 16  # roll-outs per iteration
+    sampling_steps: int = 100  # reverse steps of a roll-out (the MDP's horizon); 0 = all T steps
+    eta: float = 1.0  # stochasticity of the reverse policy (1 = ancestral; must be > 0)
+    num_candidates: int = 8  # K candidates per explored state (step variant)
+    explore_steps: int = 4  # explored states per roll-out per iteration (step variant)
+    shift: str = "random"  # feasible shifts: "none", "random", "best_probe", "finite_difference"
+    radius: float = 0.5  # exploration radius rho
+    radius_units: str = "std"  # "std": |delta| <= rho * step std; "absolute": |delta| <= rho
+    num_probes: int = 8  # probe directions for best_probe / finite_difference shifts
+    fd_jitter: float = 0.5  # finite_difference: random jitter added to the estimated ascent direction
+    lookahead: str = "tweedie"  # V(z_s): "tweedie" (reference x0 estimate) or "rollout" (DDIM to 0)
+    lookahead_steps: int = 5  # steps of the "rollout" look-ahead
+    tau: float = 1.0  # temperature of the pay-off distribution exp(r / tau)
+    adapt_tau: bool = False  # choose tau per state so that ESS = target_ess * K (or * batch)
+    target_ess: float = 0.5
+    normalize_rewards: bool = True  # per-target running mean/std; tau is then in reward std units
+    normalizer_buffer: int = 512
+    normalizer_min_count: int = 16
+    lambda_mle: float = 0.0  # weight of the denoising loss on data (keeps samples chemically sane)
+    mle_batch_size: int = 32
+    kl_weight: float = 0.0  # optional KL(pi_theta || pi_ref) per explored step
+    max_log_ratio: float = 5.0  # sequence variant: clip of log pi_ref(traj) / pi_theta(traj)
+    denoising_repeats: int = 4  # sequence variant: noise levels per sample in the weighted loss
+
+    def validate(self) -> None:
+        _check_choice("rgdm.variant", self.variant, ("step", "sequence"))
+        _check_choice("rgdm.shift", self.shift, ("none", "random", "best_probe", "finite_difference"))
+        _check_choice("rgdm.radius_units", self.radius_units, ("std", "absolute"))
+        _check_choice("rgdm.lookahead", self.lookahead, ("tweedie", "rollout"))
+        for key in ("batch_size", "num_candidates", "explore_steps", "num_probes", "lookahead_steps",
+                    "normalizer_buffer", "normalizer_min_count", "mle_batch_size", "denoising_repeats"):
+            _check_range(f"rgdm.{key}", getattr(self, key), low=1)
+        _check_range("rgdm.sampling_steps", self.sampling_steps, low=0)
+        _check_range("rgdm.eta", self.eta, low=1e-6, high=1.0)
+        _check_range("rgdm.radius", self.radius, low=0.0)
+        _check_range("rgdm.tau", self.tau, low=1e-6)
+        _check_range("rgdm.target_ess", self.target_ess, low=1e-3, high=1.0)
+        for key in ("lambda_mle", "kl_weight", "max_log_ratio", "fd_jitter"):
+            _check_range(f"rgdm.{key}", getattr(self, key), low=0.0)
+        if self.shift == "best_probe" and self.num_probes < self.num_candidates - 1:
+            raise ConfigError("rgdm.num_probes: best_probe needs at least num_candidates - 1 probes")
+
+
+@dataclass
+class FinetuneConfig:
+    """Reward-driven fine-tuning of a pre-trained model (``rgdm finetune``)."""
+
+    name: str = "finetune"
+    base: str = ""  # run directory, checkpoint or shipped model name of the pre-trained model
+    method: str = "rgdm"
+    reward: dict[str, Any] = field(default_factory=lambda: {"name": "qed", "backend": "inline"})
+    target: float | None = None  # reward target (raw property units); None = maximise the reward
+    target_from_data: str = ""  # QM9 property whose data values serve as per-sample targets
+    rgdm: RGDMConfig = field(default_factory=RGDMConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=50, lr=1e-4, ema_decay=0.0, log_every=1, val_every=10, checkpoint_every=10, grad_clip=1.0))
+    eval_samples: int = 64  # molecules sampled for validity/stability every train.val_every iterations
+
+    def validate(self) -> FinetuneConfig:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name: {self.name!r} must be a non-empty directory name without '/'")
+        if not self.base:
+            raise ConfigError("base: give the pre-trained model (run directory, checkpoint or shipped name)")
+        _check_choice("method", self.method, ("rgdm",))
+        if not isinstance(self.reward, dict) or "name" not in self.reward:
+            raise ConfigError("reward: expected a mapping with a 'name' key, e.g. {name: qed}")
+        if self.target_from_data:
+            from rgdm.data.properties import PROPERTIES
+
+            _check_choice("target_from_data", self.target_from_data, PROPERTIES)
+        self.rgdm.validate()
+        self.train.validate()
+        _check_range("eval_samples", self.eval_samples, low=0)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
 # --------------------------------------------------------------------------------------------- #
 # Generic (de)serialisation of nested dataclasses with strict checking.
 
