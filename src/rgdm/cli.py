@@ -27,10 +27,11 @@ SetOption = Annotated[list[str] | None, typer.Option(
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rgdm.config import ConfigError
     from rgdm.data.dataset import DataError
+    from rgdm.rewards import RewardConfigError
     from rgdm.training.checkpoint import CheckpointError
     from rgdm.training.pretrain import RunExistsError
 
-    return ConfigError, DataError, CheckpointError, RunExistsError, FileNotFoundError
+    return ConfigError, DataError, CheckpointError, RunExistsError, RewardConfigError, FileNotFoundError
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, object]:
@@ -126,6 +127,69 @@ def evaluate(
     out.write_text(json.dumps(metrics, indent=2))
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"metrics written to {out}")
+
+
+@app.command()
+def finetune(
+    base: Annotated[str, typer.Option("--from", help="Pre-trained run directory, checkpoint or shipped model.")],
+    method: Annotated[str, typer.Option(help="Fine-tuning method.")] = "rgdm",
+    reward: Annotated[str | None, typer.Option(help="Reward name (see `rgdm rewards`).")] = None,
+    target: Annotated[float | None, typer.Option(help="Target: reward = -|property - target| / scale.")] = None,
+    scale: Annotated[float, typer.Option(help="Scale of the target-matching reward.")] = 1.0,
+    config: Annotated[Path | None, typer.Option(help="YAML fine-tuning config (overrides the defaults).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (default: <base>-<method>-<reward>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint bit-for-bit.")] = False,
+    compare: Annotated[int, typer.Option(help="Molecules to sample before/after for report.md (0 = none).")] = 200,
+    set_: SetOption = None,
+) -> None:
+    """Steer a pre-trained model toward a reward during training (RGDM)."""
+    from rgdm.config import FinetuneConfig, from_dict, load_config, set_dotted, to_dict
+
+    values = to_dict(load_config(config, FinetuneConfig, {"base": base})) if config else to_dict(FinetuneConfig())
+    values["base"], values["method"] = base, method
+    if reward:
+        values["reward"] = {"name": reward, "backend": "process" if reward.startswith("xtb") else "inline"}
+    if target is not None:
+        values["reward"].update({"target": target, "scale": scale})
+        values["target"] = target
+    for key, value in _overrides(set_).items():
+        set_dotted(values, key, value)
+    values["name"] = name or f"{Path(base).name}-{method}-{values['reward']['name']}"
+    cfg = from_dict(FinetuneConfig, values).validate()
+    _run_finetune(cfg, resume, compare, " ".join(["rgdm", *sys.argv[1:]]))
+
+
+def _run_finetune(cfg, resume: bool, compare: int, command: str) -> None:
+    from rgdm.report import finetune_report
+    from rgdm.rewards import make_reward
+    from rgdm.runs import load_model
+    from rgdm.training.finetune import build_task
+    from rgdm.training.finetune import finetune as run_finetune
+
+    run_dir = RUNS_DIR / cfg.name
+    trainer = run_finetune(cfg, run_dir, resume=resume)
+    typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
+    if compare:
+        base = load_model(cfg.base)
+        with make_reward(cfg.reward) as reward:
+            task = build_task(cfg, base.model, base.config, reward)
+            label = cfg.reward["name"] + (f" (target {cfg.target:g})" if cfg.target is not None else "")
+            summaries = finetune_report(run_dir, base.model, trainer.model, task, compare,
+                                        cfg.rgdm.sampling_steps or None, label, cfg.target, command,
+                                        seed=cfg.train.seed + 1)
+        from rgdm.eval.compare import markdown_table
+
+        typer.echo(markdown_table(summaries))
+        typer.echo(f"report: {run_dir / 'report.md'}")
+
+
+@app.command()
+def rewards() -> None:
+    """List the rewards available by name."""
+    from rgdm.rewards import available_rewards
+
+    for name in available_rewards():
+        typer.echo(name)
 
 
 def _default_dir(model: str, loaded) -> Path:

@@ -130,7 +130,8 @@ def load_model(source: str | Path, use_ema: bool = True, device: str | torch.dev
     path = resolve_checkpoint(source)
     state = load_checkpoint(path)
     try:
-        config = from_dict(RunConfig, state["config"]).validate()
+        # Fine-tuned checkpoints carry the pre-training config of their model as "base_config".
+        config = from_dict(RunConfig, state.get("base_config") or state["config"]).validate()
         spec = ModelSpec.from_dict(state["model_spec"])
     except (KeyError, ConfigError) as err:
         raise CheckpointError(f"{path}: checkpoint does not describe a molecule model ({err})") from None

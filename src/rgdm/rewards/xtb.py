@@ -86,8 +86,25 @@ def xtb_singlepoint(molecule: Molecule, method: str = "GFN2-xTB", charge: int = 
         raise InvalidSample(f"xTB failed: {str(error).strip()}") from None
 
 
-def xtb_property(molecule: Molecule, quantity: str, **settings: Any) -> float:
+def with_hydrogens(molecule: Molecule) -> Molecule:
+    """The largest fragment with hydrogens placed by RDKit from EDM-perceived bonds.
+
+    Models of heavy atoms only (QM9 without hydrogens) need this before any quantum-chemistry
+    call: xTB on a bare carbon skeleton describes a radical, not the molecule. A skeleton that does
+    not sanitise is an invalid sample.
+    """
+    from rdkit import Chem
+
+    from rgdm.rewards.chemistry import sanitized_fragment
+
+    mol = Chem.AddHs(sanitized_fragment(molecule, "edm"), addCoords=True)
+    return Molecule(tuple(atom.GetSymbol() for atom in mol.GetAtoms()), mol.GetConformer().GetPositions())
+
+
+def xtb_property(molecule: Molecule, quantity: str, add_hydrogens: bool = False, **settings: Any) -> float:
     """One property of a GFN-xTB single point in the units of ``QUANTITIES``."""
+    if add_hydrogens:
+        molecule = with_hydrogens(molecule)
     result = xtb_singlepoint(molecule, **settings)
     if quantity == "dipole":
         return float(np.linalg.norm(result.get("dipole"))) * AU_TO_DEBYE
@@ -98,50 +115,57 @@ def xtb_property(molecule: Molecule, quantity: str, **settings: Any) -> float:
 
 
 def _xtb_scorer(quantity: str, method: str, charge: int, uhf: int | None, accuracy: float, max_iter: int,
-                electronic_temperature: float) -> PerMolecule:
+                electronic_temperature: float, add_hydrogens: bool) -> PerMolecule:
     if method not in METHODS:
         raise ValueError(f"xTB method must be one of {', '.join(METHODS)}, got {method!r}")
     if uhf is not None and uhf < 0:
         raise ValueError(f"uhf (number of unpaired electrons) must be >= 0, got {uhf}")
     settings = {"method": method, "charge": int(charge), "uhf": uhf, "accuracy": float(accuracy),
                 "max_iter": int(max_iter), "electronic_temperature": float(electronic_temperature)}
-    return PerMolecule(xtb_property, {"quantity": quantity, **settings}, setup=import_tblite)
+    return PerMolecule(xtb_property, {"quantity": quantity, "add_hydrogens": bool(add_hydrogens), **settings},
+                       setup=import_tblite)
 
 
 # Parameters shared by every xTB reward: charge (total, e), uhf (unpaired electrons; None = 0 or 1 by
-# electron-count parity), accuracy and max_iter of the SCF, electronic temperature in K.
+# electron-count parity), accuracy and max_iter of the SCF, electronic temperature in K, and
+# add_hydrogens (complete heavy-atom samples with RDKit-placed hydrogens first, see with_hydrogens).
 
 
 @register_reward("xtb_homo", units="meV", worker_only=True)
 def xtb_homo(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
-             max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+             max_iter: int = 250, electronic_temperature: float = 300.0,
+            add_hydrogens: bool = False) -> PerMolecule:
     """HOMO energy (meV) of a GFN2-xTB single point."""
-    return _xtb_scorer("homo", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+    return _xtb_scorer("homo", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
 
 
 @register_reward("xtb_lumo", units="meV", worker_only=True)
 def xtb_lumo(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
-             max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+             max_iter: int = 250, electronic_temperature: float = 300.0,
+            add_hydrogens: bool = False) -> PerMolecule:
     """LUMO energy (meV) of a GFN2-xTB single point."""
-    return _xtb_scorer("lumo", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+    return _xtb_scorer("lumo", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
 
 
 @register_reward("xtb_gap", units="meV", worker_only=True)
 def xtb_gap(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
-            max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+            max_iter: int = 250, electronic_temperature: float = 300.0,
+            add_hydrogens: bool = False) -> PerMolecule:
     """HOMO-LUMO gap (meV) of a GFN2-xTB single point."""
-    return _xtb_scorer("gap", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+    return _xtb_scorer("gap", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
 
 
 @register_reward("xtb_dipole", units="D", worker_only=True)
 def xtb_dipole(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
-               max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+               max_iter: int = 250, electronic_temperature: float = 300.0,
+            add_hydrogens: bool = False) -> PerMolecule:
     """Dipole moment magnitude (Debye) of a GFN2-xTB single point."""
-    return _xtb_scorer("dipole", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+    return _xtb_scorer("dipole", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
 
 
 @register_reward("xtb_energy", units="eV", worker_only=True)
 def xtb_energy(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
-               max_iter: int = 250, electronic_temperature: float = 300.0) -> PerMolecule:
+               max_iter: int = 250, electronic_temperature: float = 300.0,
+            add_hydrogens: bool = False) -> PerMolecule:
     """Total energy (eV) of a GFN2-xTB single point."""
-    return _xtb_scorer("energy", method, charge, uhf, accuracy, max_iter, electronic_temperature)
+    return _xtb_scorer("energy", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)

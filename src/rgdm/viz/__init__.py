@@ -1,1 +1,1 @@
-"""rgdm.viz"""
+"""Plots and 3D renders saved as PNG."""
