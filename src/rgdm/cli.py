@@ -53,8 +53,14 @@ def pretrain(
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint bit-for-bit.")] = False,
     set_: SetOption = None,
     sample: Annotated[int, typer.Option(help="Molecules to sample and evaluate at the end (0 = none).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (bfloat16 autocast on CUDA).")] = "auto",
+    compile_: Annotated[bool, typer.Option("--compile", help="Compile the network with torch.compile.")] = False,
 ) -> None:
-    """Train a molecule diffusion model by maximum likelihood (EDM's loss)."""
+    """Train a molecule diffusion model by maximum likelihood (EDM's loss).
+
+    Data-parallel: torchrun --nproc_per_node N -m rgdm pretrain --config ... (docs/scaling.md).
+    """
+    from rgdm import distributed
     from rgdm.config import load_config
     from rgdm.eval.sampling import sample_and_evaluate
     from rgdm.training.pretrain import pretrain as run_pretrain
@@ -64,7 +70,13 @@ def pretrain(
         overrides["name"] = name
     cfg = load_config(config, overrides=overrides)
     run_dir = RUNS_DIR / cfg.name
-    trainer = run_pretrain(cfg, run_dir, resume=resume)
+    try:
+        trainer = run_pretrain(cfg, run_dir, resume=resume, device=device, compile_model=compile_)
+        main = distributed.is_main()
+    finally:
+        distributed.shutdown()
+    if not main:
+        return
     typer.echo(f"checkpoints in {run_dir / 'checkpoints'}")
     if sample:
         metrics = sample_and_evaluate(trainer.sampling_model, sample, run_dir / "samples", seed=cfg.train.seed)
@@ -143,8 +155,12 @@ def finetune(
     set_: SetOption = None,
 ) -> None:
     """Steer a pre-trained model toward a reward during training (RGDM)."""
-    from rgdm.config import FinetuneConfig, from_dict, load_config, set_dotted, to_dict
+    from rgdm import distributed
+    from rgdm.config import ConfigError, FinetuneConfig, from_dict, load_config, set_dotted, to_dict
 
+    if distributed.launched_by_torchrun():
+        raise ConfigError("finetune: data-parallel fine-tuning is not supported yet; run one process "
+                          "(reward calls scale out with reward backend 'process' or 'ray')")
     values = to_dict(load_config(config, FinetuneConfig, {"base": base})) if config else to_dict(FinetuneConfig())
     values["base"], values["method"] = base, method
     if reward:

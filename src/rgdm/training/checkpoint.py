@@ -8,6 +8,7 @@ crash (or a full disk) mid-write never damages the previous checkpoint.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -33,13 +34,22 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, "rgdm_version": rgdm.__version__, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot write a checkpoint here ({err.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        # A full disk (ENOSPC) or a failing device: the temp file goes, earlier checkpoints stay.
+        Path(tmp).unlink(missing_ok=True)
+        reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise CheckpointError(f"{path}: checkpoint not written ({reason}); "
+                              "the previous checkpoints are intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -4,6 +4,10 @@ The loop owns what every method shares: the optimizer (AdamW), gradient clipping
 logging (progress bar, CSV, TensorBoard), periodic evaluation, atomic checkpoints and exact resume.
 An objective owns what differs: how a loss is computed at a step, and any state it carries
 (a data stream position, reward statistics, an adaptive temperature).
+
+Data-parallel runs (``torchrun``, see ``rgdm.distributed``) use the same loop: every rank computes
+its share of the loss, gradients are summed over ranks before clipping and the optimizer step, so
+all ranks take identical steps; only rank 0 writes checkpoints, metrics and the progress bar.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from rgdm import distributed
 from rgdm.config import TrainConfig
 from rgdm.training.checkpoint import (
     CheckpointError,
@@ -47,7 +52,11 @@ class Objective(Protocol):
     name: str
 
     def loss(self, model: nn.Module, step: int) -> tuple[Tensor, dict[str, float]]:
-        """Scalar loss to minimise at ``step`` and metrics to log."""
+        """Scalar loss to minimise at ``step`` and metrics to log.
+
+        In a data-parallel run the loss is this rank's *share*: the shares of all ranks sum to the
+        global loss (e.g. sum over the rank's samples / global batch size).
+        """
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -116,12 +125,14 @@ class Trainer:
 
     ``run_info`` is stored in every checkpoint (the run config as a dict, the model spec) so that a
     checkpoint alone rebuilds the model. ``evaluate(ema_model, step) -> metrics`` runs every
-    ``config.val_every`` steps.
+    ``config.val_every`` steps (on rank 0 only). ``bf16_autocast`` runs the loss under bfloat16
+    autocast (CUDA only; parameters, optimizer and EMA stay float32).
     """
 
     def __init__(self, model: nn.Module, objective: Objective, config: TrainConfig, run_dir: str | Path,
                  run_info: dict[str, Any], evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, bf16_autocast: bool = False):
+        distributed.broadcast_parameters(model)  # identical starting point on every rank
         self.model = model
         self.objective = objective
         self.config = config
@@ -131,6 +142,7 @@ class Trainer:
         self.evaluate = evaluate
         self.tensorboard = tensorboard
         self.progress = progress
+        self.bf16_autocast = bf16_autocast
         self.optimizer = torch.optim.AdamW(
             (p for p in model.parameters() if p.requires_grad), lr=config.lr, weight_decay=config.weight_decay,
             amsgrad=True,
@@ -158,8 +170,15 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = save_checkpoint(self.state_dict(), self.checkpoint_dir / f"step_{self.step:08d}.pt")
-        prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
+        """Write a checkpoint (rank 0; every rank must call this, it gathers their RNG states)."""
+        rank_rngs = distributed.all_gather_objects(rng_state())
+        path = self.checkpoint_dir / f"step_{self.step:08d}.pt"
+        if distributed.is_main():
+            state = self.state_dict()
+            if len(rank_rngs) > 1:
+                state["rank_rngs"] = rank_rngs
+            save_checkpoint(state, path)
+            prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
         return path
 
     def resume(self) -> bool:
@@ -180,25 +199,37 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
-        set_rng_state(state["rng"])
+        self._restore_rng(state, path)
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
+    def _restore_rng(self, state: dict[str, Any], path: Path) -> None:
+        """Each rank continues its own random stream when the number of processes is unchanged."""
+        rank_rngs = state.get("rank_rngs") or [state["rng"]]
+        if len(rank_rngs) == distributed.world_size():
+            set_rng_state(rank_rngs[distributed.rank()])
+        else:
+            log.warning("%s was written by %d process(es), this run has %d: random streams restart from "
+                        "the per-rank seeds (pre-training data and noise do not depend on them)",
+                        path, len(rank_rngs), distributed.world_size())
+
     # ------------------------------------------------------------------------------------- #
     def fit(self) -> dict[str, float]:
         """Train until ``config.steps`` (or ``max_minutes``); returns the last logged metrics."""
         cfg = self.config
+        main = distributed.is_main()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_log = MetricsLog(self.run_dir, self.tensorboard)
-        metrics_log.truncate(self.step)
+        metrics_log = MetricsLog(self.run_dir, self.tensorboard) if main else None
+        if metrics_log is not None:
+            metrics_log.truncate(self.step)
         started = time.perf_counter()
         elapsed_before = self.elapsed
         window: dict[str, list[float]] = {}
         last: dict[str, float] = {}
         bar = None
-        if self.progress:
+        if self.progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.objective.name, dynamic_ncols=True)
@@ -215,11 +246,15 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     last = {k: sum(v) / len(v) for k, v in window.items()}
                     last["wall_seconds"] = round(self.elapsed, 3)
-                    if self.evaluate is not None and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                    if (metrics_log is not None and self.evaluate is not None
+                            and (self.step % cfg.val_every == 0 or self.step == cfg.steps)):
                         last.update(self.evaluate(self.sampling_model, self.step))
-                    metrics_log.write(self.step, last)
+                    if metrics_log is not None:
+                        metrics_log.write(self.step, last)
                     window = {}
-                out_of_time = cfg.max_minutes > 0 and self.elapsed - elapsed_before > cfg.max_minutes * 60
+                # Rank 0's clock decides, so that all ranks stop (and checkpoint) at the same step.
+                out_of_time = distributed.broadcast_flag(
+                    cfg.max_minutes > 0 and self.elapsed - elapsed_before > cfg.max_minutes * 60)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or out_of_time:
                     self.save()
                 if out_of_time:
@@ -228,24 +263,32 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            metrics_log.close()
-        (self.run_dir / "last_metrics.json").write_text(json.dumps({"step": self.step, **last}, indent=2))
+            if metrics_log is not None:
+                metrics_log.close()
+        if main:
+            (self.run_dir / "last_metrics.json").write_text(json.dumps({"step": self.step, **last}, indent=2))
         return last
 
     def _train_step(self) -> dict[str, float]:
         self.model.train()
-        loss, metrics = self.objective.loss(self.model, self.step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {self.step}: loss is {loss.item()} (lower train.lr or check the data)")
+        device_type = next(self.model.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
+            loss, metrics = self.objective.loss(self.model, self.step)
+        # The global loss (sum of the ranks' shares); every rank sees it, so all stop together.
+        global_loss = distributed.all_reduce_sum(loss.detach().float().clone())
+        if not torch.isfinite(global_loss):
+            raise FloatingPointError(f"step {self.step}: loss is {global_loss.item()} "
+                                     "(lower train.lr or check the data)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.all_reduce_gradients(self.model)
         if self.config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             metrics["grad_norm"] = float(grad_norm)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        metrics["loss"] = loss.item()
+        metrics["loss"] = global_loss.item()
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 

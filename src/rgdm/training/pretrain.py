@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from rgdm.config import RunConfig, save_config
+from rgdm import distributed
+from rgdm.config import ConfigError, RunConfig, save_config
 from rgdm.runs import build_model, load_training_data, load_validation_data, spec_for
 from rgdm.training.loop import Trainer
 from rgdm.training.mle import DenoisingObjective, validation_loss
@@ -27,18 +28,29 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-             tensorboard: bool = True) -> Trainer:
-    """Train ``config`` in ``run_dir``; with ``resume`` continue its newest checkpoint bit-for-bit."""
+             tensorboard: bool = True, device: str = "cpu", compile_model: bool = False) -> Trainer:
+    """Train ``config`` in ``run_dir``; with ``resume`` continue its newest checkpoint bit-for-bit.
+
+    ``device``: ``auto``, ``cpu`` or ``cuda`` (bfloat16 autocast on CUDA). Launched by ``torchrun``,
+    every process trains its slice of each global batch and rank 0 writes the run directory.
+    ``compile_model`` wraps the network in ``torch.compile``.
+    """
     run_dir = Path(run_dir)
+    torch_device = distributed.resolve_device(device)
+    distributed.init_from_env(torch_device)
+    if config.train.batch_size < distributed.world_size():
+        raise ConfigError(f"train.batch_size: {config.train.batch_size} is smaller than the number of "
+                          f"processes ({distributed.world_size()})")
     prepare_run_dir(run_dir, resume)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     train_data = load_training_data(config)
     val_data = load_validation_data(config)
     spec = spec_for(config, train_data)
-    torch.manual_seed(config.train.seed)
-    model = build_model(config, spec, train_data)
-    objective = DenoisingObjective(train_data, config.train.batch_size, config.train.seed)
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    model = build_model(config, spec, train_data).to(torch_device)
+    distributed.seed_rank(config.train.seed)
+    objective = DenoisingObjective(train_data, config.train.batch_size, config.train.seed, torch_device)
 
     def evaluate(ema_model, step: int) -> dict[str, float]:
         if val_data is None or config.train.val_batches == 0:
@@ -46,11 +58,15 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False, progr
         return {"val_loss": validation_loss(ema_model, val_data, config.train.batch_size, config.train.val_batches)}
 
     run_info = {"kind": "pretrain", "config": config.to_dict(), "model_spec": spec.to_dict()}
-    trainer = Trainer(model, objective, config.train, run_dir, run_info, evaluate, tensorboard, progress)
+    trainer = Trainer(model, objective, config.train, run_dir, run_info, evaluate, tensorboard, progress,
+                      bf16_autocast=torch_device.type == "cuda")
     if resume and not trainer.resume():
         log.info("no checkpoint in %s yet: starting from scratch", run_dir)
-    save_config(config, run_dir / "config.yaml")
-    log.info("training %s: %d molecules, %d parameters", config.name, len(train_data),
-             sum(p.numel() for p in model.parameters()))
+    if compile_model:
+        model.denoiser.compile()  # in place: parameter names (and checkpoints) stay unchanged
+    if distributed.is_main():
+        save_config(config, run_dir / "config.yaml")
+        log.info("training %s on %s x %d process(es): %d molecules, %d parameters", config.name, torch_device,
+                 distributed.world_size(), len(train_data), sum(p.numel() for p in model.parameters()))
     trainer.fit()
     return trainer
