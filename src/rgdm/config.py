@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "qm9"  # "qm9" or "files"
-    remove_h: bool = True
+    remove_h: bool = True  # train on heavy atoms only (the fast CPU default)
     files: list[str] = field(default_factory=list)  # xyz/sdf files or directories when dataset == "files"
     conditioning: list[str] = field(default_factory=list)  # QM9 properties fed to the network as context
     train_split: str = "train"  # "train", "Da", "Db" (EDM's conditional protocol trains generators on Db)
@@ -46,14 +46,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    hidden_nf: int = 64
-    n_layers: int = 4
-    attention: bool = True
-    tanh: bool = True
+    hidden_nf: int = 64  # width of the EGNN's hidden node features
+    n_layers: int = 4  # equivariant blocks
+    attention: bool = True  # sigmoid gate on edge messages
+    tanh: bool = True  # bound coordinate updates by tanh * coords_range / n_layers
     coords_range: float = 15.0
-    norm_constant: float = 1.0
-    normalization_factor: float = 1.0
-    inv_sublayers: int = 1
+    norm_constant: float = 1.0  # c in (x_i - x_j) / (|x_i - x_j| + c)
+    normalization_factor: float = 1.0  # messages are summed and divided by this
+    inv_sublayers: int = 1  # invariant graph convolutions per block
 
     def validate(self) -> None:
         _check_range("model.hidden_nf", self.hidden_nf, low=1)
@@ -64,11 +64,11 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 500
+    timesteps: int = 500  # T of the diffusion
     schedule: str = "polynomial_2"  # "polynomial_2" (EDM) or "cosine"
     precision: float = 1e-5  # EDM's noise_precision: alpha_0^2 = 1 - 2 * precision
     norm_values: tuple[float, float, float] = (1.0, 4.0, 10.0)  # EDM's scaling of x, one-hot, charge
-    include_charges: bool = True
+    include_charges: bool = True  # atomic number as an extra node feature (EDM's "integer" feature)
 
     def validate(self) -> None:
         _check_range("diffusion.timesteps", self.timesteps, low=2)
@@ -80,18 +80,18 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 2000  # optimizer steps (fine-tuning: iterations)
     batch_size: int = 64
-    lr: float = 2e-4
+    lr: float = 2e-4  # AdamW learning rate (amsgrad, as EDM)
     weight_decay: float = 1e-12
     grad_clip: float = 2.0  # max gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # 0 disables the EMA copy
     seed: int = 0
-    log_every: int = 50
-    val_every: int = 500
-    val_batches: int = 8
+    log_every: int = 50  # steps per row of metrics.csv / TensorBoard
+    val_every: int = 500  # steps between evaluations (validation loss, or samples when fine-tuning)
+    val_batches: int = 8  # validation batches per evaluation
     checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
     num_threads: int = 0  # torch threads; 0 = torch's default
 
@@ -109,7 +109,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # run directory name under runs/
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -178,13 +178,13 @@ class RGDMConfig:
 class FinetuneConfig:
     """Reward-driven fine-tuning of a pre-trained model (``rgdm finetune``)."""
 
-    name: str = "finetune"
+    name: str = "finetune"  # run directory name under runs/
     base: str = ""  # run directory, checkpoint or shipped model name of the pre-trained model
-    method: str = "rgdm"
-    reward: dict[str, Any] = field(default_factory=lambda: {"name": "qed", "backend": "inline"})
+    method: str = "rgdm"  # fine-tuning method
+    reward: dict[str, Any] = field(default_factory=lambda: {"name": "qed", "backend": "inline"})  # make_reward config
     target: float | None = None  # reward target (raw property units); None = maximise the reward
     target_from_data: str = ""  # QM9 property whose data values serve as per-sample targets
-    rgdm: RGDMConfig = field(default_factory=RGDMConfig)
+    rgdm: RGDMConfig = field(default_factory=RGDMConfig)  # see the rgdm section
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=50, lr=1e-4, ema_decay=0.0, log_every=1, val_every=10, checkpoint_every=10, grad_clip=1.0))
     eval_samples: int = 64  # molecules sampled for validity/stability every train.val_every iterations
