@@ -32,9 +32,9 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` atomically to ``path`` (temp file in the same directory + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, "rgdm_version": rgdm.__version__, **state}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot write a checkpoint here ({err.strerror})") from None
@@ -88,6 +88,13 @@ def latest_good_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]]
         except CheckpointError as err:
             log.warning("skipping %s; falling back to the previous checkpoint", err)
     return None
+
+
+def remove_stale_temp_files(directory: str | Path) -> None:
+    """Delete temp files of writes that never finished (a process killed mid-save)."""
+    for tmp in Path(directory).glob(".step_*.tmp"):
+        log.info("removing %s: left by an interrupted checkpoint write", tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> None:

@@ -29,8 +29,11 @@ from rgdm import distributed
 from rgdm.config import TrainConfig
 from rgdm.training.checkpoint import (
     CheckpointError,
+    checkpoint_paths,
     latest_good_checkpoint,
+    load_checkpoint,
     prune_checkpoints,
+    remove_stale_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -182,9 +185,22 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Continue from the newest good checkpoint of the run; False when there is none."""
+        """Continue from the newest good checkpoint of the run; False when the run has none yet.
+
+        Corrupt or incompatible newer checkpoints are skipped (with a warning). When checkpoints
+        exist but none is usable, this raises rather than start over and overwrite them.
+        """
+        if distributed.is_main():
+            remove_stale_temp_files(self.checkpoint_dir)
         found = latest_good_checkpoint(self.checkpoint_dir)
         if found is None:
+            existing = checkpoint_paths(self.checkpoint_dir)
+            if existing:
+                try:
+                    load_checkpoint(existing[-1])
+                except CheckpointError as err:
+                    raise CheckpointError(f"no usable checkpoint to resume ({len(existing)} found; newest: {err}); "
+                                          "nothing was overwritten") from None
             return False
         path, state = found
         changed = [k for k in _changed_keys(state.get("config") or {}, self.run_info.get("config") or {})
