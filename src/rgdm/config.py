@@ -250,16 +250,23 @@ def load_config(path: str | Path, cls: type = RunConfig, overrides: dict[str, An
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    for dotted, value in (overrides or {}).items():
-        set_dotted(values, dotted, value)
-    config = from_dict(cls, values)
-    return config.validate()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (name, data, model, ...), "
+                          f"got {type(values).__name__}")
+    try:
+        for dotted, value in (overrides or {}).items():
+            set_dotted(values, dotted, value)
+        return from_dict(cls, values).validate()
+    except ConfigError as err:
+        # Say where the bad value came from: a line of the file, or a --set override.
+        raise ConfigError(f"{_origin(path, text, str(err), overrides or {})}: {err}") from None
 
 
 def save_config(config: Any, path: str | Path) -> None:
@@ -325,6 +332,22 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def _origin(path: Path, text: str, message: str, overrides: dict[str, Any]) -> str:
+    """``--set`` when the offending key was overridden, else ``file:line`` (or ``file``)."""
+    dotted = message.split(":", 1)[0].split("[", 1)[0]
+    if dotted in overrides:
+        return "--set"
+    node = yaml.compose(text)
+    for key in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return str(path)
+        match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+        if match is None:
+            return str(path)
+        key_node, node = match
+    return f"{path}:{key_node.start_mark.line + 1}"
 
 
 def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
