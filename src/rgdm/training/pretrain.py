@@ -41,11 +41,11 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False, progr
     if config.train.batch_size < distributed.world_size():
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is smaller than the number of "
                           f"processes ({distributed.world_size()})")
-    prepare_run_dir(run_dir, resume)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    train_data = load_training_data(config)
+    train_data = load_training_data(config)  # bad data fails here, before the run directory exists
     val_data = load_validation_data(config)
+    prepare_run_dir(run_dir, resume)
     spec = spec_for(config, train_data)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     model = build_model(config, spec, train_data).to(torch_device)
