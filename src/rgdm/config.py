@@ -351,14 +351,16 @@ def _origin(path: Path, text: str, message: str, overrides: dict[str, Any]) -> s
 
 
 def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
+    options = list(options)
+    close = difflib.get_close_matches(key, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(options))})"
 
 
 def _check_choice(where: str, value: Any, choices: typing.Sequence[Any]) -> None:
     if value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
-                          f"{_did_you_mean(str(value), map(str, choices)) if isinstance(value, str) else ''}")
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
 
 
 def _check_range(where: str, value: float, low: float | None = None, high: float | None = None) -> None:
