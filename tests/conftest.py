@@ -14,3 +14,28 @@ def qm9_all():
     from rgdm.data.qm9 import load_qm9
 
     return load_qm9("all")
+
+
+def tiny_run_config(steps: int, **train):
+    """A tiny QM9 (no H) pre-training config: 256 molecules, a 2-layer EGNN, 50 diffusion steps."""
+    from rgdm.config import RunConfig, from_dict
+
+    values = {
+        "name": "tiny",
+        "data": {"dataset": "qm9", "remove_h": True, "max_train_molecules": 256},
+        "model": {"hidden_nf": 16, "n_layers": 2},
+        "diffusion": {"timesteps": 50},
+        "train": {"steps": steps, "batch_size": 16, "log_every": 2, "val_every": 3, "val_batches": 1,
+                  "checkpoint_every": 100, **train},
+    }
+    return from_dict(RunConfig, values).validate()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, qm9_all):
+    """A run directory holding a tiny model pre-trained for 20 steps."""
+    from rgdm.training.pretrain import pretrain
+
+    run_dir = tmp_path_factory.mktemp("tiny_pretrained") / "run"
+    pretrain(tiny_run_config(20, lr=2e-3), run_dir, progress=False, tensorboard=False)
+    return run_dir

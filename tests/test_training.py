@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import tiny_run_config
 from rgdm.config import ConfigError, RunConfig, from_dict
 from rgdm.runs import load_model
 from rgdm.training.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
@@ -10,15 +11,7 @@ from rgdm.training.pretrain import RunExistsError, pretrain
 
 
 def tiny_config(steps: int, **train) -> RunConfig:
-    values = {
-        "name": "tiny",
-        "data": {"dataset": "qm9", "remove_h": True, "max_train_molecules": 256},
-        "model": {"hidden_nf": 16, "n_layers": 2},
-        "diffusion": {"timesteps": 50},
-        "train": {"steps": steps, "batch_size": 16, "log_every": 2, "val_every": 3, "val_batches": 1,
-                  "checkpoint_every": 100, **train},
-    }
-    return from_dict(RunConfig, values).validate()
+    return tiny_run_config(steps, **train)
 
 
 def final_state(run_dir):

@@ -176,27 +176,32 @@ def finetune(
 
 
 def _run_finetune(cfg, resume: bool, compare: int, command: str) -> None:
-    from rgdm.report import finetune_report
-    from rgdm.rewards import make_reward
-    from rgdm.runs import load_model
-    from rgdm.training.finetune import build_task
-    from rgdm.training.finetune import finetune as run_finetune
+    from rgdm.eval.compare import markdown_table
+    from rgdm.training.finetune import finetune_and_report
 
     run_dir = RUNS_DIR / cfg.name
-    trainer = run_finetune(cfg, run_dir, resume=resume)
+    summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command)
     typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
-    if compare:
-        base = load_model(cfg.base)
-        with make_reward(cfg.reward) as reward:
-            task = build_task(cfg, base.model, base.config, reward)
-            label = cfg.reward["name"] + (f" (target {cfg.target:g})" if cfg.target is not None else "")
-            summaries = finetune_report(run_dir, base.model, trainer.model, task, compare,
-                                        cfg.rgdm.sampling_steps or None, label, cfg.target, command,
-                                        seed=cfg.train.seed + 1)
-        from rgdm.eval.compare import markdown_table
-
+    if summaries:
         typer.echo(markdown_table(summaries))
         typer.echo(f"report: {run_dir / 'report.md'}")
+
+
+@app.command()
+def demo(
+    name: Annotated[str, typer.Option(help="Run name under runs/.")] = "demo",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted demo.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune the shipped QM9 model toward an xTB HOMO-LUMO gap target with RGDM; write a report."""
+    from rgdm.config import FinetuneConfig, from_dict, set_dotted, to_dict
+    from rgdm.demo import demo_config
+
+    values = to_dict(demo_config(name))
+    for key, value in _overrides(set_).items():
+        set_dotted(values, key, value)
+    cfg = from_dict(FinetuneConfig, values).validate()
+    _run_finetune(cfg, resume, 200, "rgdm demo")
 
 
 @app.command()

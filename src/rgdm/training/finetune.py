@@ -75,3 +75,20 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
         if hasattr(reward, "close"):
             reward.close()
     return trainer
+
+
+def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, compare: int = 200,
+                        command: str = "", progress: bool = True) -> dict[str, dict[str, float]] | None:
+    """Fine-tune, then sample ``compare`` molecules before and after and write ``report.md``."""
+    from rgdm.report import finetune_report
+    from rgdm.rewards import make_reward
+
+    trainer = finetune(config, run_dir, resume=resume, progress=progress)
+    if not compare:
+        return None
+    base = load_model(config.base)
+    with make_reward(config.reward) as reward:
+        task = build_task(config, base.model, base.config, reward)
+        label = config.reward["name"] + (f" (target {config.target:g})" if config.target is not None else "")
+        return finetune_report(run_dir, base.model, trainer.model, task, compare, config.rgdm.sampling_steps or None,
+                               label, config.target, command, seed=config.train.seed + 1, progress=progress)

@@ -1,0 +1,30 @@
+"""``rgdm demo``: the ten-minute tour on a CPU.
+
+Loads the shipped pre-trained QM9 model (heavy atoms only), fine-tunes it with step-level RGDM toward a
+GFN2-xTB HOMO-LUMO gap target (a physics black box: hydrogens are placed by RDKit, the gap comes from
+tblite in worker processes, no gradient anywhere), then samples 200 molecules before and after under
+identical conditions and writes ``runs/demo/report.md`` with the table, histograms, training curves and
+3D renders.
+"""
+
+from __future__ import annotations
+
+from rgdm.config import FinetuneConfig, RGDMConfig, TrainConfig
+
+DEMO_TARGET_MEV = 7500.0  # above the shipped model's mean xTB gap: the demo must move the distribution
+DEMO_SCALE_MEV = 1000.0
+
+
+def demo_config(name: str = "demo") -> FinetuneConfig:
+    return FinetuneConfig(
+        name=name,
+        base="qm9-noh-small",
+        reward={"name": "xtb_gap", "add_hydrogens": True, "target": DEMO_TARGET_MEV, "scale": DEMO_SCALE_MEV,
+                "workers": 2, "timeout": 30, "penalty": -5.0},
+        target=DEMO_TARGET_MEV,
+        rgdm=RGDMConfig(batch_size=16, sampling_steps=50, num_candidates=8, explore_steps=4, shift="random",
+                        radius=0.5, tau=0.5, normalize_rewards=True),
+        train=TrainConfig(steps=30, lr=1e-4, ema_decay=0.0, grad_clip=1.0, log_every=1, val_every=10,
+                          checkpoint_every=5),
+        eval_samples=32,
+    ).validate()
