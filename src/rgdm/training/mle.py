@@ -117,8 +117,8 @@ def validation_loss(model: MoleculeDiffusion, dataset: MoleculeDataset, batch_si
     change the training trajectory (and resumed runs stay bit-identical).
     """
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
     device = model.node_count_probs.device
+    generator = torch.Generator(device=device).manual_seed(seed)  # noise is drawn on the model's device
     losses = []
     for i, batch in enumerate(dataset.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))):
         if i >= n_batches:
