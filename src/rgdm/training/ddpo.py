@@ -1,0 +1,332 @@
+"""DDPO: policy-gradient fine-tuning of a diffusion sampler (Black et al. 2023), with DPOK's KL option.
+
+Sampling is an MDP: the state is (z_t, t, c), the action z_s ~ pi_theta(. | z_t) = N(mu_theta, std^2 I)
+(a stochastic sampler, eta > 0, so that every action has a log-probability), and the reward r(x_0, c)
+arrives at the end. DDPO estimates the gradient of E[r] from trajectories of the sampler:
+
+    DDPO_SF   loss = -mean_t A · log pi_theta(z_s | z_t)                                (on-policy)
+    DDPO_IS   loss = mean_t max(-A·rho_t, -A·clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi_theta / pi_old
+
+with A the advantage of the trajectory: its reward normalised per target by a stat tracker (DDPO's
+PerPromptStatTracker: the target's buffer of recent rewards once it holds ``tracker_min_count``
+values, else the current batch), clipped to [-adv_clip, adv_clip]. As in DDPO, log-probabilities are
+per dimension (divided by the state's dof; DDPO averages over pixels), which is the scale the clip
+range 1e-4 refers to, and the loss averages over a random subset of the steps of each trajectory.
+
+KL option (DPOK, Fan et al. 2023): maximise E[r] - kl_coef · E[Σ_t KL_t] with
+KL_t = KL(pi_theta(. | z_t) || pi_ref(. | z_t)) = ||mu_theta - mu_ref||^2 / (2 std^2) (both policies
+share the step std). Its gradient has two parts and we use both: the score-function part sees the
+penalised reward r - kl_coef · Σ_t KL_t, and the pathwise part kl_coef · ∇KL_t at the visited states
+(DPOK's term; it is the only part that acts when KL_t does not depend on the state). With raw
+advantages (``normalize_advantages = False``) and kl_coef = tau the optimum is the pay-off
+distribution pi_ref · exp(r / tau); with normalised advantages tau is in units of the reward's std.
+
+One trainer step is one optimizer update. A batch of trajectories is collected every
+``inner_epochs · minibatches`` steps and replayed from memory by the following steps (PPO-style inner
+epochs over shuffled minibatches). The stored batch is part of ``state_dict``: a run resumed in the
+middle of a replay cycle continues with exactly the trajectories it had collected.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rgdm.config import ConfigError
+from rgdm.diffusion.gaussian import GaussianDiffusion
+from rgdm.training.rgdm import RewardNormalizer, RGDMObjective
+from rgdm.training.tasks import Conditions, Scores, Task
+
+VARIANTS = ("sf", "is")
+
+
+@dataclass
+class DDPOConfig:
+    """DDPO_SF / DDPO_IS (defaults follow Black et al. 2023 where they apply)."""
+
+    variant: str = "is"  # "sf" (score function, on-policy) or "is" (importance sampling, PPO clipping)
+    batch_size: int = 16  # trajectories per collected batch
+    sampling_steps: int = 50  # reverse steps of a trajectory; 0 = all T steps
+    eta: float = 1.0  # stochasticity of the sampler (must be > 0: log-probabilities need a std)
+    inner_epochs: int = 1  # passes over each collected batch ("is" only)
+    minibatches: int = 1  # optimizer updates per pass, each on a shuffled slice of the batch ("is" only)
+    clip_range: float = 1e-4  # PPO clip of the per-dimension probability ratio
+    adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
+    timestep_fraction: float = 1.0  # fraction of each trajectory's steps in the loss (random subset)
+    normalize_advantages: bool = True  # divide by the tracker's std (False: only subtract its mean)
+    tracker_buffer: int = 16  # rewards remembered per target
+    tracker_min_count: int = 16  # below this many, a target is normalised with the batch's statistics
+    kl_coef: float = 0.0  # DPOK's per-step KL penalty to the frozen reference (0 disables it)
+    lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.inner_epochs * self.minibatches
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"ddpo.variant: {self.variant!r} is not one of {', '.join(VARIANTS)}")
+        for key in ("batch_size", "inner_epochs", "minibatches", "tracker_buffer", "tracker_min_count"):
+            _check(key, getattr(self, key), low=1)
+        _check("sampling_steps", self.sampling_steps, low=0)
+        _check("eta", self.eta, low=1e-6, high=1.0)
+        _check("clip_range", self.clip_range, low=0.0)
+        _check("adv_clip", self.adv_clip, low=1e-6)
+        _check("timestep_fraction", self.timestep_fraction, low=1e-6, high=1.0)
+        _check("kl_coef", self.kl_coef, low=0.0)
+        _check("lambda_mle", self.lambda_mle, low=0.0)
+        if self.variant == "sf" and self.updates_per_batch != 1:
+            raise ConfigError("ddpo.inner_epochs: the score-function variant is on-policy; use inner_epochs = 1 "
+                              "and minibatches = 1 (or variant 'is')")
+        if self.batch_size % self.minibatches:
+            raise ConfigError(f"ddpo.minibatches: {self.minibatches} does not divide batch_size {self.batch_size}")
+
+
+def _check(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"ddpo.{key}: {value} is outside {bounds}")
+
+
+# ------------------------------------------------------------------------------------------------- #
+# Trajectories of the sampler.
+
+
+@dataclass
+class Trajectories:
+    """Roll-outs of a stochastic sampler along a time grid, with what policy-gradient methods need."""
+
+    conditions: Conditions
+    grid: list[int]  # descending times T, ..., 0 of the states
+    states: Tensor  # [S + 1, B, ...]: states[k] is z at grid[k]; states[k + 1] is the action taken there
+    log_probs: Tensor  # [S, B] log pi(states[k + 1] | states[k]) of the sampling policy (nats)
+    x0: Tensor  # [B, ...] denoised final samples (what the reward scores)
+    reference_log_probs: Tensor | None = None  # [S, B] the same actions under the reference policy
+    kl: Tensor | None = None  # [S, B] KL(pi || pi_ref) at each visited state (nats)
+
+    @property
+    def log_ratio_to_reference(self) -> Tensor:
+        """log pi_ref(trajectory) - log pi(trajectory), [B]."""
+        if self.reference_log_probs is None:
+            raise ValueError("these trajectories were collected without a reference policy")
+        return (self.reference_log_probs - self.log_probs).sum(0)
+
+
+def step_times(t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:
+    return torch.full((n,), t_int, dtype=torch.long), torch.full((n,), s_int, dtype=torch.long)
+
+
+def gaussian_kl(model: GaussianDiffusion, mean: Tensor, reference_mean: Tensor, std: Tensor,
+                node_mask: Tensor | None = None) -> Tensor:
+    """KL(N(mean, std^2 I) || N(reference_mean, std^2 I)) over the state space, [B]."""
+    return 0.5 * model.sq_norm(mean - reference_mean, node_mask) / std**2
+
+
+@torch.no_grad()
+def collect_trajectories(model: GaussianDiffusion, cond: Conditions, grid: list[int], eta: float,
+                         generator: torch.Generator | None = None,
+                         reference: GaussianDiffusion | None = None) -> Trajectories:
+    """Sample ``cond.batch_size`` trajectories; with ``reference``, also score them under it."""
+    n, mask, context = cond.batch_size, cond.node_mask, cond.context
+    z = model.sample_prior(cond.shape, mask, generator)
+    states, log_probs, reference_log_probs, kls = [z], [], [], []
+    for t_int, s_int in zip(grid[:-1], grid[1:]):
+        t, s = step_times(t_int, s_int, n)
+        out = model.step(z, t, s, mask, context, eta=eta, generator=generator)
+        if out.log_prob is None:
+            raise ValueError(f"the step {t_int} -> {s_int} is deterministic (eta = {eta}): policy-gradient "
+                             "methods need a stochastic sampler, eta > 0")
+        log_probs.append(out.log_prob)
+        if reference is not None:
+            reference_mean, reference_std = reference.step_distribution(z, t, s, mask, context, eta)
+            reference_log_probs.append(reference.log_prob(out.sample, reference_mean, reference_std, mask))
+            kls.append(gaussian_kl(model, out.mean, reference_mean, out.std, mask))
+        z = out.sample
+        states.append(z)
+    x0 = model.project(model.predict_x0(z, step_times(0, 0, n)[0], mask, context), mask)
+    stack = lambda values: torch.stack(values) if values else None  # noqa: E731
+    return Trajectories(cond, list(grid), torch.stack(states), torch.stack(log_probs), x0,
+                        stack(reference_log_probs), stack(kls))
+
+
+def checked_rewards(scores: Scores) -> Tensor:
+    """The reward values, refusing NaN/inf (a reward must give invalid samples a finite penalty)."""
+    if not torch.isfinite(scores.values).all():
+        raise ValueError("the reward returned non-finite values; give invalid samples a finite penalty instead")
+    return scores.values
+
+
+def reward_metrics(scores: Scores) -> dict[str, float]:
+    """reward_mean/median/max, invalid_fraction (and property_mean): the same columns as RGDM logs."""
+    return RGDMObjective._final_metrics(scores)
+
+
+# ------------------------------------------------------------------------------------------------- #
+# Advantages.
+
+
+def tracked_advantages(tracker: RewardNormalizer, rewards: Tensor, targets: Tensor | None,
+                       normalize: bool = True) -> Tensor:
+    """DDPO's per-prompt advantages: (r - mean) / std from the target's buffer once it holds
+    ``min_count`` rewards, else from the whole current batch. The buffers are updated first."""
+    tracker.update(rewards, targets)
+    keys = ["none"] * len(rewards) if targets is None else [tracker.bucket(t) for t in targets.tolist()]
+    batch_mean, batch_std = rewards.mean(), rewards.std() if len(rewards) > 1 else torch.tensor(1.0)
+    advantages = torch.empty_like(rewards)
+    for i, key in enumerate(keys):
+        buffer = tracker.buffers.get(key, [])
+        if len(buffer) >= tracker.min_count:
+            values = torch.tensor(buffer, dtype=rewards.dtype)
+            mean, std = values.mean(), values.std()
+        else:
+            mean, std = batch_mean, batch_std
+        advantages[i] = (rewards[i] - mean) / (std + 1e-6) if normalize else rewards[i] - mean
+    return advantages
+
+
+# ------------------------------------------------------------------------------------------------- #
+# The objective.
+
+
+@dataclass
+class ReplayBatch:
+    """A collected batch as the replay steps need it (all tensors: it is saved in checkpoints)."""
+
+    trajectories: Trajectories
+    advantages: Tensor  # [B], clipped
+    collected_at: int  # trainer step of the collection
+    metrics: dict[str, float]
+
+    def state_dict(self) -> dict[str, Any]:
+        traj = self.trajectories
+        return {
+            "conditions": {f.name: getattr(traj.conditions, f.name) for f in fields(Conditions)},
+            **{f.name: getattr(traj, f.name) for f in fields(Trajectories) if f.name != "conditions"},
+            "advantages": self.advantages, "collected_at": self.collected_at, "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> ReplayBatch:
+        cond = dict(state["conditions"])
+        cond["shape"] = tuple(cond["shape"])
+        traj = Trajectories(Conditions(**cond), **{f.name: state[f.name] for f in fields(Trajectories)
+                                                     if f.name != "conditions"})
+        return cls(traj, state["advantages"], int(state["collected_at"]), dict(state["metrics"]))
+
+
+class DDPOObjective:
+    """DDPO_SF or DDPO_IS (optionally with DPOK's KL penalty) as a loss on the shared training loop."""
+
+    def __init__(self, model: GaussianDiffusion, task: Task, config: DDPOConfig, seed: int = 0):
+        config.validate()
+        self.config = config
+        self.task = task
+        self.seed = seed
+        self.name = f"ddpo-{config.variant}" + ("-kl" if config.kl_coef > 0 else "")
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
+        self.tracker = RewardNormalizer(config.tracker_buffer, config.tracker_min_count)
+        self.reward_calls = 0
+        self.batch: ReplayBatch | None = None
+
+    def loss(self, model: GaussianDiffusion, step: int) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        update = step % cfg.updates_per_batch
+        if update == 0 or self.batch is None:
+            self.batch = self._collect(model, step, generator)
+            update = 0
+        rows = self._minibatch(update)
+        loss, metrics = self._policy_loss(model, rows, generator)
+        data_loss = self.task.data_loss(model) if cfg.lambda_mle > 0 else None
+        if data_loss is not None:
+            loss = loss + cfg.lambda_mle * data_loss
+            metrics["mle_loss"] = float(data_loss)
+        metrics.update(self.batch.metrics)
+        metrics["reward_calls"] = float(self.reward_calls)
+        metrics.update({k: v for k, v in self.task.stats().items() if k != "reward_calls"})
+        return loss, metrics
+
+    # -- collection ------------------------------------------------------------------------- #
+
+    def _collect(self, model: GaussianDiffusion, step: int, generator: torch.Generator) -> ReplayBatch:
+        cfg = self.config
+        cond = self.task.conditions(cfg.batch_size, generator)
+        grid = model.time_grid(cfg.sampling_steps or None)
+        traj = collect_trajectories(model, cond, grid, cfg.eta, generator, self.reference)
+        scores = self.task.score(traj.x0, cond)
+        self.reward_calls += cond.batch_size
+        rewards = checked_rewards(scores)
+        metrics = reward_metrics(scores)
+        if traj.kl is not None:
+            kl = traj.kl.sum(0)
+            rewards = rewards - cfg.kl_coef * kl
+            metrics["kl_to_reference"] = kl.mean().item()
+        advantages = tracked_advantages(self.tracker, rewards, cond.targets, cfg.normalize_advantages)
+        advantages = advantages.clamp(-cfg.adv_clip, cfg.adv_clip)
+        return ReplayBatch(traj, advantages, step, metrics)
+
+    def _minibatch(self, update: int) -> Tensor:
+        """Trajectory indices of this update: a slice of a per-epoch shuffle of the batch."""
+        cfg, batch = self.config, self.batch
+        epoch, part = divmod(update, cfg.minibatches)
+        if cfg.minibatches == 1:
+            return torch.arange(batch.advantages.shape[0])
+        shuffle = torch.Generator().manual_seed((self.seed * 1_000_003 + batch.collected_at) * 997 + epoch)
+        order = torch.randperm(batch.advantages.shape[0], generator=shuffle)
+        return order.view(cfg.minibatches, -1)[part]
+
+    # -- the loss --------------------------------------------------------------------------- #
+
+    def _policy_loss(self, model: GaussianDiffusion, rows: Tensor,
+                     generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        cfg, traj = self.config, self.batch.trajectories
+        n_steps = traj.log_probs.shape[0]
+        k = max(1, round(cfg.timestep_fraction * n_steps))
+        # DDPO trains on a random subset of steps, drawn independently for every trajectory.
+        steps = torch.rand(len(rows), n_steps, generator=generator).argsort(dim=1)[:, :k].reshape(-1)
+        rows = rows.repeat_interleave(k)
+        grid = torch.tensor(traj.grid)
+        cond = traj.conditions.select(rows)
+        z_t, z_s = traj.states[steps, rows], traj.states[steps + 1, rows]
+        t, s = grid[steps], grid[steps + 1]
+        mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+        dof = model.dof(z_t, cond.node_mask)
+        log_prob = model.log_prob(z_s, mean, std, cond.node_mask) / dof  # per dimension, as DDPO's
+        advantages = self.batch.advantages[rows]
+        metrics: dict[str, float] = {}
+        if cfg.variant == "sf":
+            loss = -(advantages * log_prob).mean()
+        else:
+            log_ratio = log_prob - traj.log_probs[steps, rows] / dof
+            ratio = log_ratio.exp()
+            unclipped = -advantages * ratio
+            clipped = -advantages * ratio.clamp(1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
+            loss = torch.maximum(unclipped, clipped).mean()
+            metrics["approx_kl"] = 0.5 * log_ratio.detach().pow(2).mean().item()
+            metrics["clip_fraction"] = ((ratio.detach() - 1.0).abs() > cfg.clip_range).float().mean().item()
+        if self.reference is not None:
+            reference_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+            kl = gaussian_kl(model, mean, reference_mean, std, cond.node_mask) / dof
+            loss = loss + cfg.kl_coef * kl.mean()
+        metrics["advantage_abs_mean"] = self.batch.advantages.abs().mean().item()
+        return loss, metrics
+
+    # -- state ------------------------------------------------------------------------------ #
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict(), "reward_calls": self.reward_calls,
+                "task": self.task.state_dict(),
+                "reference": None if self.reference is None else self.reference.state_dict(),
+                "batch": None if self.batch is None else self.batch.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.reward_calls = int(state["reward_calls"])
+        self.task.load_state_dict(state["task"])
+        if self.reference is not None and state.get("reference") is not None:
+            self.reference.load_state_dict(state["reference"])
+        self.batch = None if state.get("batch") is None else ReplayBatch.from_state_dict(state["batch"])

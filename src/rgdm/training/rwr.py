@@ -1,0 +1,140 @@
+"""Reward-weighted regression (RWR) on the model's samples, plain or relative to the reference.
+
+Each iteration draws a batch of final samples x_0 and minimises the denoising loss weighted by
+self-normalised weights w = softmax(log_w) over the batch:
+
+    plain               log_w = beta · r(x_0),  x_0 ~ pi_theta                (Black et al. 2023's RWR)
+    reference_samples   log_w = beta · r(x_0),  x_0 ~ pi_ref
+    importance_ratio    log_w = beta · r(x_0) + clip(log pi_ref(traj) - log pi_theta(traj)),  x_0 ~ pi_theta
+
+Plain RWR re-tilts its own samples every iteration, so it keeps climbing the reward (no fixed
+point under a linear reward). The two variants relative to the frozen reference pi_ref weight
+samples towards the fixed pay-off distribution pi_ref · exp(beta · r): the weighted denoising loss is
+a maximum-likelihood fit to it, whose optimum is the pay-off itself (beta = 1 / tau). The
+importance-ratio variant is what RGDM's sequence-level variant computes; the reference-samples one
+needs no trajectory log-probabilities but never sees where the current model puts its mass.
+
+Rewards enter raw by default (beta in inverse reward units, so beta = 1 / tau gives the pay-off of
+temperature tau); with ``normalize_rewards`` they are first normalised per target by a running
+mean/std, and beta is then in inverse reward standard deviations.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rgdm.config import ConfigError
+from rgdm.diffusion.gaussian import GaussianDiffusion
+from rgdm.training.ddpo import checked_rewards, collect_trajectories, reward_metrics
+from rgdm.training.rgdm import RewardNormalizer, effective_sample_size
+from rgdm.training.tasks import Conditions, Task
+
+VARIANTS = ("plain", "reference_samples", "importance_ratio")
+
+
+@dataclass
+class RWRConfig:
+    """Reward-weighted regression (weights softmax(beta · r) over the batch)."""
+
+    variant: str = "plain"  # "plain", "reference_samples" or "importance_ratio" (see the module docstring)
+    batch_size: int = 16  # samples per iteration
+    sampling_steps: int = 50  # reverse steps of a sample; 0 = all T steps
+    eta: float = 1.0  # sampler stochasticity ("importance_ratio" needs eta > 0 for trajectory log-probs)
+    beta: float = 0.2  # inverse temperature of the weights
+    normalize_rewards: bool = False  # per-target running mean/std before weighting
+    normalizer_buffer: int = 512
+    normalizer_min_count: int = 16
+    max_log_ratio: float = 5.0  # "importance_ratio": clip of log pi_ref(traj) / pi_theta(traj)
+    denoising_repeats: int = 4  # noise levels per sample in the weighted denoising loss
+    lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"rwr.variant: {self.variant!r} is not one of {', '.join(VARIANTS)}")
+        for key in ("batch_size", "normalizer_buffer", "normalizer_min_count", "denoising_repeats"):
+            _check(key, getattr(self, key), low=1)
+        _check("sampling_steps", self.sampling_steps, low=0)
+        _check("eta", self.eta, low=1e-6 if self.variant == "importance_ratio" else 0.0, high=1.0)
+        for key in ("beta", "max_log_ratio", "lambda_mle"):
+            _check(key, getattr(self, key), low=0.0)
+
+
+def _check(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"rwr.{key}: {value} is outside {bounds}")
+
+
+class RWRObjective:
+    """Reward-weighted denoising loss on fresh samples, as a loss on the shared training loop."""
+
+    def __init__(self, model: GaussianDiffusion, task: Task, config: RWRConfig, seed: int = 0):
+        config.validate()
+        self.config = config
+        self.task = task
+        self.seed = seed
+        self.name = "rwr" if config.variant == "plain" else f"rwr-{config.variant.replace('_', '-')}"
+        needs_reference = config.variant != "plain"
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
+        self.normalizer = RewardNormalizer(config.normalizer_buffer, config.normalizer_min_count)
+        self.reward_calls = 0
+
+    def loss(self, model: GaussianDiffusion, step: int) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        cond = self.task.conditions(cfg.batch_size, generator)
+        x0, log_base = self._samples(model, cond, generator)
+        scores = self.task.score(x0, cond)
+        self.reward_calls += cond.batch_size
+        log_weights = cfg.beta * self._scaled(checked_rewards(scores), scores.valid, cond.targets) + log_base
+        weights = torch.softmax(log_weights, dim=0)
+        losses = [model.loss(x0, cond.node_mask, cond.context, generator=generator)
+                  for _ in range(cfg.denoising_repeats)]
+        loss = (torch.stack(losses).mean(0) * weights).sum()
+        metrics = reward_metrics(scores)
+        ess = effective_sample_size(log_weights).item()
+        metrics.update({"ess": ess, "ess_fraction": ess / cond.batch_size, "weight_max": weights.max().item()})
+        data_loss = self.task.data_loss(model) if cfg.lambda_mle > 0 else None
+        if data_loss is not None:
+            loss = loss + cfg.lambda_mle * data_loss
+            metrics["mle_loss"] = float(data_loss)
+        metrics["reward_calls"] = float(self.reward_calls)
+        metrics.update({k: v for k, v in self.task.stats().items() if k != "reward_calls"})
+        return loss, metrics
+
+    @torch.no_grad()
+    def _samples(self, model: GaussianDiffusion, cond: Conditions, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Final samples of this iteration and the log-weight each gets before the reward, [B]."""
+        cfg = self.config
+        steps = cfg.sampling_steps or None
+        if cfg.variant == "importance_ratio":
+            traj = collect_trajectories(model, cond, model.time_grid(steps), cfg.eta, generator, self.reference)
+            return traj.x0, traj.log_ratio_to_reference.clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
+        sampler = self.reference if cfg.variant == "reference_samples" else model
+        x0 = sampler.sample(cond.shape, cond.node_mask, cond.context, num_steps=steps, eta=cfg.eta,
+                            generator=generator)
+        return x0, torch.zeros(cond.batch_size)
+
+    def _scaled(self, rewards: Tensor, valid: Tensor, targets: Tensor | None) -> Tensor:
+        """Rewards in the units beta applies to: raw, or normalised per target (statistics of valid ones)."""
+        if not self.config.normalize_rewards:
+            return rewards
+        self.normalizer.update(rewards[valid], None if targets is None else targets[valid])
+        return self.normalizer.normalize(rewards, targets)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"normalizer": self.normalizer.state_dict(), "reward_calls": self.reward_calls,
+                "task": self.task.state_dict(),
+                "reference": None if self.reference is None else self.reference.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.normalizer.load_state_dict(state["normalizer"])
+        self.reward_calls = int(state["reward_calls"])
+        self.task.load_state_dict(state["task"])
+        if self.reference is not None and state.get("reference") is not None:
+            self.reference.load_state_dict(state["reference"])
