@@ -73,6 +73,17 @@ def test_two_processes_match_single_process(tmp_path, qm9_all):
     rows = (tmp_path / "runs" / "ddp" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 4
 
+    # The data order and noise do not depend on the number of processes: a 2-process run resumed
+    # by one process continues on the single-process trajectory.
+    longer = from_dict(RunConfig, {**TINY, "train": {**TINY["train"], "steps": 6}}).validate()
+    pretrain(longer, tmp_path / "runs" / "ddp", resume=True, progress=False, tensorboard=False)
+    pretrain(longer, single_dir, resume=True, progress=False, tensorboard=False)
+    ddp = load_checkpoint(checkpoint_paths(tmp_path / "runs" / "ddp" / "checkpoints")[-1])
+    single = load_checkpoint(checkpoint_paths(single_dir / "checkpoints")[-1])
+    assert ddp["step"] == single["step"] == 6
+    for name, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][name], value, rtol=0, atol=1e-5, msg=f"model.{name}")
+
 
 def _collectives_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
