@@ -99,10 +99,10 @@ def test_ddpo_is_resume_replays_the_stored_batch(tmp_path):
     config = DDPOConfig(variant="is", batch_size=16, sampling_steps=10, inner_epochs=2, minibatches=2)
 
     def run(run_dir, stops):
-        torch.manual_seed(0)
-        model = standard_gaussian_diffusion(dim=2, timesteps=200)
-        objective = DDPOObjective(model, GaussianTask(2, linear_reward), config, seed=3)
-        for steps in stops:
+        for steps in stops:  # every segment is a fresh process's view: new model and objective, then resume
+            torch.manual_seed(0)
+            model = standard_gaussian_diffusion(dim=2, timesteps=200)
+            objective = DDPOObjective(model, GaussianTask(2, linear_reward), config, seed=3)
             train_config = TrainConfig(steps=steps, lr=0.05, ema_decay=0.0, grad_clip=0.0, log_every=1,
                                        val_every=100, checkpoint_every=100)
             trainer = Trainer(model, objective, train_config, run_dir, {"config": {}}, tensorboard=False,
