@@ -140,3 +140,15 @@ def test_device_choice_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             distributed.resolve_device("cuda")
+
+
+def test_finetune_under_torchrun_is_refused_clearly(monkeypatch, capsys):
+    from rgdm import cli
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert cli.main(["finetune", "--from", "qm9-noh-small", "--reward", "qed"]) == 2
+    assert capsys.readouterr().err.startswith("error: finetune: data-parallel fine-tuning is not supported yet")
+    assert not distributed.is_initialized()
