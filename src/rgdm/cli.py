@@ -187,6 +187,36 @@ def _run_finetune(cfg, resume: bool, compare: int, command: str) -> None:
         typer.echo(f"report: {run_dir / 'report.md'}")
 
 
+@app.command("train-regressor")
+def train_regressor_cmd(
+    property_: Annotated[str | None, typer.Option("--property", help="alpha, gap, homo, lumo, mu or Cv.")] = None,
+    split: Annotated[str | None, typer.Option(help="Training molecules: Da (evaluators), Db (rewards), train.")] = None,
+    remove_h: Annotated[bool | None, typer.Option("--remove-h/--keep-h",
+                                                  help="Heavy atoms only (default: keep hydrogens).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config, e.g. configs/regressor_cpu.yaml.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (default: regressor-<property>-<split>[-noH]).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Train an EGNN property regressor on QM9 (EDM's evaluator; a learned reward); report its test MAE."""
+    from rgdm.config import from_dict, load_config, set_dotted, to_dict
+    from rgdm.training.regression import RegressorConfig, default_run_name, train_regressor
+
+    values = to_dict(load_config(config, RegressorConfig) if config else RegressorConfig())
+    for key, value in (("property", property_), ("split", split), ("remove_h", remove_h)):
+        if value is not None:
+            values["data"][key] = value
+    data = values["data"]
+    values["name"] = name or default_run_name(data["property"], data["split"], data["remove_h"])
+    for key, value in _overrides(set_).items():
+        set_dotted(values, key, value)
+    cfg = from_dict(RegressorConfig, values).validate()
+    run_dir = RUNS_DIR / cfg.name
+    result = train_regressor(cfg, run_dir, resume=resume)
+    typer.echo(json.dumps(result.test_metrics, indent=2))
+    typer.echo(f"checkpoints in {run_dir / 'checkpoints'}; test metrics in {run_dir / 'test_metrics.json'}")
+
+
 @app.command()
 def demo(
     name: Annotated[str, typer.Option(help="Run name under runs/.")] = "demo",
