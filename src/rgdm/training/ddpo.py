@@ -38,7 +38,7 @@ from torch import Tensor
 
 from rgdm.config import ConfigError
 from rgdm.diffusion.gaussian import GaussianDiffusion
-from rgdm.training.rgdm import RewardNormalizer, RGDMObjective
+from rgdm.training.rgdm import RewardNormalizer, reward_metrics
 from rgdm.training.tasks import Conditions, Scores, Task
 
 VARIANTS = ("sf", "is")
@@ -158,11 +158,6 @@ def checked_rewards(scores: Scores) -> Tensor:
     if not torch.isfinite(scores.values).all():
         raise ValueError("the reward returned non-finite values; give invalid samples a finite penalty instead")
     return scores.values
-
-
-def reward_metrics(scores: Scores) -> dict[str, float]:
-    """reward_mean/median/max, invalid_fraction (and property_mean): the same columns as RGDM logs."""
-    return RGDMObjective._final_metrics(scores)
 
 
 # ------------------------------------------------------------------------------------------------- #

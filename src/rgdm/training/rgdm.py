@@ -346,7 +346,7 @@ class RGDMObjective:
             ess_all.append(effective_sample_size(torch.log(weights.clamp(min=1e-30))).mean().item())
             entropy_all.append(-(weights * torch.log(weights.clamp(min=1e-30))).sum(-1).mean().item())
             tau_all.append(tau.mean().item())
-        metrics = self._final_metrics(final)
+        metrics = reward_metrics(final)
         metrics.update({"ess": _mean(ess_all), "ess_fraction": _mean(ess_all) / cfg.num_candidates,
                         "weight_entropy": _mean(entropy_all), "tau": _mean(tau_all)})
         return total, metrics
@@ -364,20 +364,11 @@ class RGDMObjective:
         losses = [model.loss(x0, cond.node_mask, cond.context, generator=generator)
                   for _ in range(cfg.denoising_repeats)]
         loss = (torch.stack(losses).mean(0) * weights).sum()
-        metrics = self._final_metrics(final)
+        metrics = reward_metrics(final)
         ess = effective_sample_size(torch.log(weights.clamp(min=1e-30))).item()
         metrics.update({"ess": ess, "ess_fraction": ess / cond.batch_size, "tau": tau.mean().item(),
                         "weight_entropy": -(weights * torch.log(weights.clamp(min=1e-30))).sum().item()})
         return loss, metrics
-
-    @staticmethod
-    def _final_metrics(final: Scores) -> dict[str, float]:
-        values = final.values
-        out = {"reward_mean": values.mean().item(), "reward_median": values.median().item(),
-               "reward_max": values.max().item(), "invalid_fraction": 1.0 - final.valid.float().mean().item()}
-        if final.property is not None and torch.isfinite(final.property).any():
-            out["property_mean"] = final.property[torch.isfinite(final.property)].mean().item()
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"normalizer": self.normalizer.state_dict(), "reward_calls": self.reward_calls,
@@ -388,6 +379,16 @@ class RGDMObjective:
         self.reward_calls = int(state["reward_calls"])
         self.task.load_state_dict(state["task"])
         self.reference.load_state_dict(state["reference"])
+
+
+def reward_metrics(final: Scores) -> dict[str, float]:
+    """Reward statistics of a batch of final samples, logged by every reward-driven objective."""
+    values = final.values
+    out = {"reward_mean": values.mean().item(), "reward_median": values.median().item(),
+           "reward_max": values.max().item(), "invalid_fraction": 1.0 - final.valid.float().mean().item()}
+    if final.property is not None and torch.isfinite(final.property).any():
+        out["property_mean"] = final.property[torch.isfinite(final.property)].mean().item()
+    return out
 
 
 def _mean(values: list[float]) -> float:

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from rgdm.config import ConfigError
 from rgdm.diffusion.gaussian import GaussianDiffusion
-from rgdm.training.ddpo import checked_rewards, collect_trajectories, reward_metrics
-from rgdm.training.rgdm import RewardNormalizer, effective_sample_size
+from rgdm.training.ddpo import checked_rewards, collect_trajectories
+from rgdm.training.rgdm import RewardNormalizer, effective_sample_size, reward_metrics
 from rgdm.training.tasks import Conditions, Task
 
 VARIANTS = ("plain", "reference_samples", "importance_ratio")
