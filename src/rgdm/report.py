@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from rgdm.eval.compare import markdown_table, sample_scored, write_comparison
 from rgdm.viz.plots import plot_curves
@@ -47,6 +46,3 @@ def finetune_report(run_dir: str | Path, base_model, tuned_model, task, n: int, 
     (run_dir / "report.md").write_text("\n".join(lines))
     return summaries
 
-
-def summary_lines(summaries: dict[str, dict[str, Any]]) -> str:
-    return markdown_table(summaries)
