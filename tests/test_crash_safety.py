@@ -104,11 +104,11 @@ def temp_files(run_dir: Path) -> list[Path]:
 
 
 def test_pretraining_killed_and_resumed_matches_uninterrupted_run(tmp_path, qm9_all):
-    steps = ["--set", "train.steps=120"]
+    steps = ["--set", "train.steps=80"]
     kill_after_first_checkpoint(tmp_path, tmp_path / "runs" / "killed" / "checkpoints",
                                 "pretrain", "--config", "tiny.yaml", "--name", "killed", *steps)
     interrupted_at = load_checkpoint(checkpoint_paths(tmp_path / "runs" / "killed" / "checkpoints")[-1])["step"]
-    assert 2 <= interrupted_at < 120
+    assert 2 <= interrupted_at < 80
 
     resumed = rgdm_subprocess(tmp_path, "pretrain", "--config", "tiny.yaml", "--name", "killed", "--resume", *steps)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -121,16 +121,16 @@ def test_pretraining_killed_and_resumed_matches_uninterrupted_run(tmp_path, qm9_
 def test_finetuning_killed_and_resumed_matches_uninterrupted_run(tmp_path, qm9_all):
     assert cli.main(["pretrain", "--config", "tiny.yaml", "--set", "train.steps=2"]) == 0
     base = str(tmp_path / "runs" / "tiny")
-    args = ["finetune", "--from", base, *FINETUNE_ARGS, "--set", "train.steps=24"]
+    args = ["finetune", "--from", base, *FINETUNE_ARGS, "--set", "train.steps=16"]
     kill_after_first_checkpoint(tmp_path, tmp_path / "runs" / "killed" / "checkpoints", *args, "--name", "killed")
-    assert load_checkpoint(checkpoint_paths(tmp_path / "runs" / "killed" / "checkpoints")[-1])["step"] < 24
+    assert load_checkpoint(checkpoint_paths(tmp_path / "runs" / "killed" / "checkpoints")[-1])["step"] < 16
 
     resumed = rgdm_subprocess(tmp_path, *args, "--name", "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert cli.main([*args, "--name", "straight"]) == 0
 
     killed, straight = newest(tmp_path / "runs" / "killed"), newest(tmp_path / "runs" / "straight")
-    assert killed["step"] == 24
+    assert killed["step"] == 16
     assert_identical(killed, straight)
     assert not temp_files(tmp_path / "runs" / "killed")
 
