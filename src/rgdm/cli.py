@@ -20,6 +20,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 RUNS_DIR = Path("runs")
 
+
+def _add_shapes_commands() -> None:
+    from rgdm.cli_shapes import app as shapes_app
+
+    app.add_typer(shapes_app, name="shapes")
+
+
+_add_shapes_commands()
+
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config value, e.g. --set train.steps=100 (repeatable).")]
 
@@ -60,6 +69,12 @@ def pretrain(
 
     Data-parallel: torchrun --nproc_per_node N -m rgdm pretrain --config ... (docs/scaling.md).
     """
+    from rgdm.cli_shapes import is_shapes_config
+    from rgdm.cli_shapes import run_pretrain as run_shapes_pretrain
+
+    if is_shapes_config(config):  # a point-cloud model (configs/shapes_*.yaml)
+        run_shapes_pretrain(config, name, resume, set_)
+        return
     from rgdm import distributed
     from rgdm.config import load_config
     from rgdm.eval.sampling import sample_and_evaluate
