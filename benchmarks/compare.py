@@ -6,8 +6,11 @@
 
 Every method starts from the same pre-trained weights, uses the same reward API, the same seeds and
 the same budget of *reward calls* (the black box is the expensive part). Methods: RGDM step-level and
-sequence-level, DDPO_SF, DDPO_IS, RWR, best-of-N (and gradient guidance where the reward is
-differentiable: no built-in chemistry or xTB reward is, so it is reported as not applicable).
+sequence-level, DDPO_SF, DDPO_IS, RWR, best-of-N, and the sampling-time steering methods SVDD-PM
+(``svdd``, M candidates per step) and twisted SMC (``smc``, K particles per sample), whose reward
+calls are reported *per produced sample* (they pay at every sample; ``benchmarks/amortisation.py``
+turns that into a crossover against RGDM's one-off training calls). Gradient guidance would need a
+differentiable reward: no built-in chemistry or xTB reward is, so it is reported as not applicable.
 
 Outputs in ``--out`` (default ``runs/compare/<reward>``): ``results.md`` (table: final reward mean ± s.e.,
 property MAE to target, validity, stability, uniqueness, reward calls, wall time), ``results.json``,
@@ -30,6 +33,7 @@ from rgdm.config import RGDMConfig, TrainConfig
 from rgdm.eval.compare import sample_scored, summarize
 from rgdm.rewards import make_reward
 from rgdm.runs import load_model
+from rgdm.sampling import smc_sample, svdd_sample
 from rgdm.training.best_of_n import best_of_n
 from rgdm.training.ddpo import DDPOConfig, DDPOObjective
 from rgdm.training.loop import Trainer
@@ -53,7 +57,8 @@ BUDGETS = {
     "small": Budget(6000, 6, 48, 200, 50, 5.0),
     "medium": Budget(30000, 10, 96, 500, 50, 30.0),
 }
-METHODS = ("rgdm_step", "rgdm_sequence", "ddpo_sf", "ddpo_is", "rwr", "best_of_n")
+METHODS = ("rgdm_step", "rgdm_sequence", "ddpo_sf", "ddpo_is", "rwr", "best_of_n", "svdd", "smc")
+SAMPLING_TIME = ("svdd", "smc")  # reward calls per produced sample
 
 
 def make_objective(method: str, model, task, steps: int, seed: int):
@@ -123,19 +128,49 @@ def run_best_of_n(args, budget, reward_config) -> dict:
             curve.append((n * budget.eval_samples, kept.scores.values.mean().item()))
         generator = torch.Generator().manual_seed(args.seed + 1)
         kept = best_of_n(model, task, budget.final_samples, n_max, generator, budget.sampling_steps)
-        molecules = task.decode(kept.samples, kept.conditions).molecules()
-        from rgdm.eval.molecules import evaluate_molecules
-
-        prop = kept.scores.property if kept.scores.property is not None else torch.full_like(kept.scores.values,
-                                                                                             math.nan)
-        targets = kept.conditions.targets
-        result = {"molecules": molecules, "reward": kept.scores.values.numpy(),
-                  "reward_valid": kept.scores.valid.numpy(), "property": prop.numpy(),
-                  "target": (targets if targets is not None else torch.full_like(prop, math.nan)).numpy(),
-                  "metrics": evaluate_molecules(molecules)}
-        final = summarize(result)
+        final = summarize_kept(task, kept)
     final.update({"reward_calls": kept.reward_calls, "wall_seconds": time.perf_counter() - started,
                   "iterations": 0, "n": float(n_max)})
+    return {"final": final, "curve": curve}
+
+
+def summarize_kept(task, kept) -> dict:
+    """Reward and EDM metrics of samples kept by a sampling-time method (samples, scores, conditions)."""
+    from rgdm.eval.molecules import evaluate_molecules
+
+    molecules = task.decode(kept.samples, kept.conditions).molecules()
+    prop = kept.scores.property if kept.scores.property is not None else torch.full_like(kept.scores.values, math.nan)
+    targets = kept.conditions.targets
+    result = {"molecules": molecules, "reward": kept.scores.values.numpy(),
+              "reward_valid": kept.scores.valid.numpy(), "property": prop.numpy(),
+              "target": (targets if targets is not None else torch.full_like(prop, math.nan)).numpy(),
+              "metrics": evaluate_molecules(molecules)}
+    return summarize(result)
+
+
+def steer(method: str, model, task, n: int, size: int, args, budget, seed: int):
+    """SVDD-PM with M = ``size`` candidates per step, or SMC with K = ``size`` particles per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    if method == "svdd":
+        return svdd_sample(model, task, n, size, generator, budget.sampling_steps)
+    return smc_sample(model, task, n, size, args.smc_tau, generator, budget.sampling_steps)
+
+
+def run_sampling_time(method: str, args, budget, reward_config) -> dict:
+    """Curve over M (or K) = 1, 2, ... up to the chosen size; reward calls are per produced sample."""
+    model = load_model(args.base).model.eval()
+    size = args.svdd_m if method == "svdd" else args.smc_k
+    curve = []
+    started = time.perf_counter()
+    with make_reward(reward_config) as reward:
+        task = MoleculeTask(model, reward, target=args.target)
+        for m in sorted({1, 2, size} | {v for v in (4, 8) if v < size}):
+            out = steer(method, model, task, budget.eval_samples, m, args, budget, args.seed + 1)
+            curve.append((out.reward_calls / budget.eval_samples, out.scores.values.mean().item()))
+        out = steer(method, model, task, budget.final_samples, size, args, budget, args.seed + 1)
+        final = summarize_kept(task, out)
+    final.update({"reward_calls": out.reward_calls / budget.final_samples,
+                  "wall_seconds": time.perf_counter() - started, "iterations": 0, "n": float(size)})
     return {"final": final, "curve": curve}
 
 
@@ -155,7 +190,9 @@ def table(results: dict, reference: dict) -> str:
                 cells.append(f"{value:.0f}" if math.isfinite(value) else "–")
             else:
                 cells.append(f"{value:.4g}" if math.isfinite(value) else "–")
-        label = f"best-of-{int(f['n'])}" if name == "best_of_n" else name
+        labels = {"best_of_n": f"best-of-{f.get('n', 0):.0f}", "svdd": f"SVDD-PM (M={f.get('n', 0):.0f})",
+                  "smc": f"SMC (K={f.get('n', 0):.0f})"}
+        label = labels.get(name, name)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,7 +206,8 @@ def plot(results: dict, reference_reward: float, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, res in results.items():
         calls, rewards = zip(*res["curve"])
-        ax.plot(calls, rewards, marker="o", ms=3, label=name)
+        label = f"{name} (calls per sample)" if name in SAMPLING_TIME else name
+        ax.plot(calls, rewards, marker="o", ms=3, label=label, ls="--" if name in SAMPLING_TIME else "-")
     ax.axhline(reference_reward, color="k", ls=":", lw=1, label="pretrained")
     ax.set_xlabel("reward calls")
     ax.set_ylabel("mean reward of samples")
@@ -194,6 +232,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--svdd-m", type=int, default=4, help="SVDD-PM candidates per reverse step")
+    parser.add_argument("--smc-k", type=int, default=4, help="SMC particles per produced sample")
+    parser.add_argument("--smc-tau", type=float, default=0.05, help="SMC temperature: target p(x) exp(r(x)/tau)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
@@ -216,6 +257,8 @@ def main() -> None:
         print(f"{method} ...", flush=True)
         if method == "best_of_n":
             results[method] = run_best_of_n(args, budget, reward_config)
+        elif method in SAMPLING_TIME:
+            results[method] = run_sampling_time(method, args, budget, reward_config)
         else:
             results[method] = run_trained_method(method, args, budget, reward_config, out)
         (out / "results.json").write_text(json.dumps({"reference": reference, "results": results,
@@ -224,7 +267,10 @@ def main() -> None:
     text = table(results, reference)
     command = "python benchmarks/compare.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, [], False))
-    (out / "results.md").write_text(f"Command: `{command}`\n\n{text}\n\nGuidance: not applicable "
+    per_sample = [m for m in SAMPLING_TIME if m in results]
+    note = (f"\n\nReward calls of {', '.join(per_sample)} are per produced sample (paid again for every "
+            f"sample); the other methods' are training calls, paid once." if per_sample else "")
+    (out / "results.md").write_text(f"Command: `{command}`\n\n{text}{note}\n\nGuidance: not applicable "
                                     f"({args.reward} is not differentiable).\n")
     plot(results, reference["reward_mean"], out / "reward_vs_calls.png")
     print(text)
