@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rgdm.runs import PRETRAINED_DIR, resolve_checkpoint
+from rgdm.runs import PRETRAINED_DIR, load_model, resolve_checkpoint
 from rgdm.training.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -36,7 +36,7 @@ def main() -> None:
 
     config = state["config"]
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else {}
-    n_params = sum(t.numel() for t in slim["model"].values() if t.dtype.is_floating_point)
+    n_params = sum(p.numel() for p in load_model(out).model.parameters())
     lines = [
         f"# Model card: {args.name}",
         "",
