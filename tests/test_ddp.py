@@ -99,8 +99,9 @@ def _collectives_worker(rank: int, world: int, port: int, queue) -> None:
             model.weight.fill_(float(rank))  # different on purpose: the broadcast must fix it
         distributed.broadcast_parameters(model)
         model(torch.ones(1, 2) * (rank + 1)).sum().backward()
-        distributed.all_reduce_gradients(model)
-        queue.put((rank, gathered.tolist(), objects, flag, model.weight.tolist(), model.weight.grad.tolist()))
+        loss_sum = distributed.all_reduce_gradients(model, torch.tensor(float(rank + 1)))
+        queue.put((rank, gathered.tolist(), objects, flag, model.weight.tolist(), model.weight.grad.tolist(),
+                   loss_sum.item()))
     finally:
         distributed.shutdown()
 
@@ -111,12 +112,13 @@ def test_collectives_on_two_gloo_processes():
     port = free_port()
     mp.start_processes(_collectives_worker, args=(2, port, queue), nprocs=2, start_method="spawn")
     results = sorted(queue.get(timeout=10) for _ in range(2))
-    for rank, gathered, objects, flag, weight, grad in results:
+    for rank, gathered, objects, flag, weight, grad, loss_sum in results:
         assert gathered == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], rank
         assert objects == [{"rank": 0}, {"rank": 1}]
         assert flag is True
         assert weight == [[0.0, 0.0]]
         assert grad == [[3.0, 3.0]]  # d/dw of w.x summed over ranks: 1 + 2
+        assert loss_sum == 3.0  # the extra tensor rides along in the same collective
 
 
 def test_without_a_launcher_everything_is_a_world_of_one(monkeypatch):

@@ -133,22 +133,26 @@ def broadcast_parameters(model: nn.Module) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
-def all_reduce_gradients(model: nn.Module) -> None:
+def all_reduce_gradients(model: nn.Module, extra: Tensor | None = None) -> Tensor | None:
     """Sum gradients over ranks, in one flat buffer (one collective instead of one per tensor).
 
     Each rank's loss is its share of the global loss, so the sum is the global gradient. A rank
     whose parameter got no gradient contributes zeros (all ranks must call the collective).
+    ``extra`` (e.g. the loss share) rides along in the same collective and is returned summed.
     """
     if not is_initialized():
-        return
+        return extra
     params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    all_reduce_sum(flat)
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    if extra is not None:
+        parts.append(extra.detach().reshape(-1).to(parts[0].dtype if parts else extra.dtype))
+    flat = all_reduce_sum(torch.cat(parts))
     offset = 0
     for p in params:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+    return None if extra is None else flat[offset:].view_as(extra).to(extra.dtype)
 
 
 def _collective_device() -> torch.device:

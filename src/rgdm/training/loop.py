@@ -269,8 +269,8 @@ class Trainer:
                         metrics_log.write(self.step, last)
                     window = {}
                 # Rank 0's clock decides, so that all ranks stop (and checkpoint) at the same step.
-                out_of_time = distributed.broadcast_flag(
-                    cfg.max_minutes > 0 and self.elapsed - elapsed_before > cfg.max_minutes * 60)
+                out_of_time = cfg.max_minutes > 0 and distributed.broadcast_flag(
+                    self.elapsed - elapsed_before > cfg.max_minutes * 60)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or out_of_time:
                     self.save()
                 if out_of_time:
@@ -290,14 +290,14 @@ class Trainer:
         device_type = next(self.model.parameters()).device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
             loss, metrics = self.objective.loss(self.model, self.step)
-        # The global loss (sum of the ranks' shares); every rank sees it, so all stop together.
-        global_loss = distributed.all_reduce_sum(loss.detach().float().clone())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # One collective per step: gradients and the global loss (sum of the ranks' shares).
+        # Every rank sees the same global loss, so a bad step stops all ranks together.
+        global_loss = distributed.all_reduce_gradients(self.model, loss.detach().float())
         if not torch.isfinite(global_loss):
             raise FloatingPointError(f"step {self.step}: loss is {global_loss.item()} "
                                      "(lower train.lr or check the data)")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.all_reduce_gradients(self.model)
         if self.config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             metrics["grad_norm"] = float(grad_norm)
