@@ -26,18 +26,19 @@ from rgdm.training.shapes import (
 TWO_CLASSES = ["ring_knot", "blob"]
 
 
-def tiny_model(conditional: bool = False, num_points: int = 32) -> PointCloudDiffusion:
+def tiny_model(conditional: bool = False, num_points: int = 32, knn: int = 0) -> PointCloudDiffusion:
     torch.manual_seed(0)
     classes = ("a", "b", "c")
-    denoiser = PointNetDenoiser(width=16, n_blocks=2, time_dim=8, num_classes=len(classes) if conditional else 0)
+    denoiser = PointNetDenoiser(width=16, n_blocks=2, time_dim=8, num_classes=len(classes) if conditional else 0,
+                                knn=knn)
     # The head starts at zero; give it weights so the equivariance test sees a non-trivial output.
     torch.nn.init.normal_(denoiser.head[-1].weight, std=0.5)
     return PointCloudDiffusion(denoiser, NoiseSchedule(20, "cosine"), num_points, classes, conditional=conditional)
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_denoiser_is_permutation_equivariant(conditional):
-    model = tiny_model(conditional)
+@pytest.mark.parametrize(("conditional", "knn"), [(False, 0), (True, 0), (False, 4)])
+def test_denoiser_is_permutation_equivariant(conditional, knn):
+    model = tiny_model(conditional, knn=knn)
     z = torch.randn(3, 32, 3)
     t = torch.tensor([0.1, 0.5, 0.9])
     context = model.context_for(["a", "c", "b"])
