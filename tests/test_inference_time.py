@@ -36,10 +36,12 @@ def test_smc_with_exact_lookahead_recovers_tilted_mean():
     out = smc_sample(model, task, n, k, TAU, torch.Generator().manual_seed(1), sampling_steps=None,
                      ess_threshold=0.5, batch_size=8192)
     target = A / TAU
-    # Outputs are weighted resamples of the particles (one per group of K).
-    assert (out.samples.mean(0) - target).norm() < 0.1 * target.norm(), f"SMC mean {out.samples.mean(0)}"
+    # The weighted particles estimate the tilted mean (self-normalisation leaves an O(1/K) bias, ~5 % here) ...
     weighted = (out.log_weights.exp().unsqueeze(-1) * out.particles).sum(1).mean(0)
     assert (weighted - target).norm() < 0.1 * target.norm(), f"weighted particle mean {weighted}"
+    # ... and each output is one particle drawn by weight, so the outputs' mean matches theirs up to
+    # sampling noise (unit variance per coordinate: 4 standard errors).
+    assert (out.samples.mean(0) - weighted).abs().max() < 4 / n**0.5, f"output mean {out.samples.mean(0)}"
     # Reward calls: K particles per output at each of the 201 grid points (T, ..., 0), nothing else.
     assert out.reward_calls == n * k * 201 == task.calls
     assert out.scores.values.shape == (n,)
