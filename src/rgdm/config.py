@@ -149,6 +149,8 @@ class RGDMConfig:
     normalize_rewards: bool = True  # per-target running mean/std; tau is then in reward std units
     normalizer_buffer: int = 512
     normalizer_min_count: int = 16
+    loss_weighting: str = "epsilon"  # per-step scale: "epsilon" (noise-prediction units) or "likelihood"
+    control_variate: bool = True  # subtract the candidates' mean Gaussian perturbation from the target
     lambda_mle: float = 0.0  # weight of the denoising loss on data (keeps samples chemically sane)
     mle_batch_size: int = 32
     kl_weight: float = 0.0  # optional KL(pi_theta || pi_ref) per explored step
@@ -160,6 +162,7 @@ class RGDMConfig:
         _check_choice("rgdm.shift", self.shift, ("none", "random", "best_probe", "finite_difference"))
         _check_choice("rgdm.radius_units", self.radius_units, ("std", "absolute"))
         _check_choice("rgdm.lookahead", self.lookahead, ("tweedie", "rollout"))
+        _check_choice("rgdm.loss_weighting", self.loss_weighting, ("epsilon", "likelihood"))
         for key in ("batch_size", "num_candidates", "explore_steps", "num_probes", "lookahead_steps",
                     "normalizer_buffer", "normalizer_min_count", "mle_batch_size", "denoising_repeats"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=1)

@@ -122,6 +122,18 @@ class GaussianDiffusion(nn.Module):
         mean = self._scale(a_s, z_t) * x0 + self._scale(direction, z_t) * eps
         return self.project(mean, node_mask), std.to(z_t.dtype)
 
+    def mean_sensitivity(self, t: Tensor, s: Tensor, eta: float = 1.0) -> Tensor:
+        """d mean / d eps_hat of the step t -> s, [B]: how a noise-prediction error moves the mean.
+
+        Dividing a mean-space regression error by this factor measures it in noise-prediction units,
+        the weighting of the usual "simple" denoising loss.
+        """
+        a_t, s_t = self.schedule.alpha(t), self.schedule.sigma(t)
+        a_s, s_s = self.schedule.alpha(s), self.schedule.sigma(s)
+        std = eta * (s_s / s_t) * (1.0 - (a_t / a_s) ** 2).clamp(min=0.0).sqrt()
+        direction = (s_s**2 - std**2).clamp(min=0.0).sqrt()
+        return (direction - a_s * s_t / a_t).abs()
+
     def log_prob(self, z_s: Tensor, mean: Tensor, std: Tensor, node_mask: Tensor | None = None) -> Tensor:
         """log N(z_s; mean, std^2 I) on the state space (its ``dof`` dimensions), [B]."""
         dof = self.dof(z_s, node_mask)
