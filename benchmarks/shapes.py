@@ -18,7 +18,8 @@ continues where it stopped:
    with Chamfer distance (on ``--cd-points`` points per cloud) and EMD (``--emd-points``).
 
 Outputs: ``results.md`` (the table and the command), ``results.json``, ``before_after.png``
-(rows of samples per model), ``classifier.json`` (test accuracy).
+(rows of samples per model), ``samples.pt`` (the evaluated clouds, float16), ``classifier.json``
+(test accuracy).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                           classifier, args.target, emd_points=args.emd_points, seed=args.seed)
     rows.append({"model": f"test data (half vs half, {half} clouds)", **data_metrics})
 
+    torch.save({label: clouds.half() for label, clouds in samples.items()}, out / "samples.pt")
     render = render_point_clouds({label: clouds[:6] for label, clouds in samples.items()},
                                  out / "before_after.png", title=f"samples steered toward '{args.target}'")
     render_point_clouds({args.target: reference[:6]}, out / "reference.png")

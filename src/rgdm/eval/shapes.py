@@ -52,7 +52,10 @@ def evaluate_shape_samples(clouds: Tensor, reference: Tensor, classifier: PointN
 
 def render_point_clouds(rows: Mapping[str, Tensor], out: str | Path, columns: int = 6, point_size: float = 1.0,
                         title: str | None = None) -> Path:
-    """A PNG grid: one row per entry of ``rows`` (label -> clouds [N, P, 3]), ``columns`` clouds each."""
+    """A PNG grid: one row per entry of ``rows`` (label -> clouds [N, P, 3]), ``columns`` clouds each.
+
+    Each cloud is centred and framed to hold 98 % of its points (outliers fall outside the box).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +74,8 @@ def render_point_clouds(rows: Mapping[str, Tensor], out: str | Path, columns: in
                 # Stored shapes are aligned with y up; matplotlib draws z up, so plot (x, z, y).
                 axes.scatter(cloud[:, 0], cloud[:, 2], cloud[:, 1], s=point_size, c=cloud[:, 1], cmap="viridis",
                              linewidths=0)
-                limit = float(cloud.abs().max())
+                # A few stray points should not shrink the shape to a dot: frame 98 % of the points.
+                limit = float(torch.quantile(cloud.abs().amax(dim=1), 0.98)) * 1.05
                 for setter in (axes.set_xlim, axes.set_ylim, axes.set_zlim):
                     setter(-limit, limit)
                 axes.view_init(elev=15, azim=-60)
