@@ -174,10 +174,7 @@ class ShapeFinetuneConfig:
         if not isinstance(self.reward, dict) or "name" not in self.reward:
             raise ConfigError("reward: expected a mapping with a 'name' key, e.g. {name: shape_class, model: ...}")
         self.rgdm.validate()
-        try:
-            self.ddpo.validate()
-        except ConfigError as err:
-            raise ConfigError(str(err)) from None
+        self.ddpo.validate()
         _check_range("mle_batch_size", self.mle_batch_size, low=1)
         self.train.validate()
         return self
