@@ -239,7 +239,7 @@ class DDPOObjective:
         data_loss = self.task.data_loss(model) if cfg.lambda_mle > 0 else None
         if data_loss is not None:
             loss = loss + cfg.lambda_mle * data_loss
-            metrics["mle_loss"] = float(data_loss)
+            metrics["mle_loss"] = data_loss.item()
         metrics.update(self.batch.metrics)
         metrics["reward_calls"] = float(self.reward_calls)
         metrics.update({k: v for k, v in self.task.stats().items() if k != "reward_calls"})
