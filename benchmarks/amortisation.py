@@ -34,11 +34,18 @@ import yaml
 
 from compare import make_objective
 from rgdm.config import TrainConfig
+from rgdm.eval.molecules import evaluate_molecules
 from rgdm.rewards import make_reward
 from rgdm.runs import load_model
 from rgdm.sampling import smc_sample, svdd_sample
 from rgdm.training.loop import Trainer
 from rgdm.training.tasks import MoleculeTask
+
+
+def diversity(task, samples: torch.Tensor, conditions) -> dict:
+    """EDM validity and uniqueness (among valid) of decoded samples: a collapsed sampler shows here."""
+    metrics = evaluate_molecules(task.decode(samples, conditions).molecules())
+    return {"validity": float(metrics["validity"]), "uniqueness": float(metrics["uniqueness"])}
 
 
 def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
@@ -57,20 +64,22 @@ def plain_samples(model, task, n: int, steps: int, seed: int) -> dict:
     seconds = time.perf_counter() - started
     reward, se = mean_and_se(task.score(x0, cond).values)
     return {"reward": reward, "reward_se": se, "calls_per_sample": 0.0, "seconds_per_sample": seconds / n,
-            "valid_fraction": float("nan")}
+            **diversity(task, x0, cond)}
 
 
-def steered(result, n: int, seconds: float) -> dict:
+def steered(task, result, n: int, seconds: float) -> dict:
     reward, se = mean_and_se(result.scores.values)
     return {"reward": reward, "reward_se": se, "calls_per_sample": result.reward_calls / n,
-            "seconds_per_sample": seconds / n, "valid_fraction": result.scores.valid.float().mean().item()}
+            "seconds_per_sample": seconds / n, **diversity(task, result.samples, result.conditions)}
 
 
-def finetune_rgdm(model, task, calls: int, steps: int, seed: int, minutes: float, out_dir: Path) -> dict:
+def finetune_rgdm(model, task, calls: int, steps: int, seed: int, minutes: float, out_dir: Path,
+                  lr: float | None = None) -> dict:
     """Step-level RGDM (compare.py's defaults) until ``calls`` reward calls or ``minutes`` have passed."""
     torch.manual_seed(seed)
     model.train()
-    objective, lr = make_objective("rgdm_step", model, task, steps, seed)
+    objective, default_lr = make_objective("rgdm_step", model, task, steps, seed)
+    lr = lr or default_lr
     train = TrainConfig(steps=1, lr=lr, ema_decay=0.0, grad_clip=1.0, log_every=1, val_every=10**9,
                         checkpoint_every=10**9, seed=seed)
     trainer = Trainer(model, objective, train, out_dir / "rgdm_step", {"config": {"method": "rgdm_step"}},
@@ -81,7 +90,7 @@ def finetune_rgdm(model, task, calls: int, steps: int, seed: int, minutes: float
         trainer.fit()
         print(f"  rgdm_step: iteration {trainer.step}, {objective.reward_calls} reward calls", flush=True)
     return {"train_calls": objective.reward_calls, "train_seconds": time.perf_counter() - started,
-            "iterations": trainer.step}
+            "iterations": trainer.step, "lr": lr}
 
 
 def measure_inference(base, task, args) -> dict[str, dict]:
@@ -91,13 +100,13 @@ def measure_inference(base, task, args) -> dict[str, dict]:
         started = time.perf_counter()
         result = svdd_sample(base, task, args.eval_samples, m, torch.Generator().manual_seed(args.seed + 1),
                              args.steps, selection="greedy")
-        rows[f"svdd M={m}"] = steered(result, args.eval_samples, time.perf_counter() - started)
+        rows[f"svdd M={m}"] = steered(task, result, args.eval_samples, time.perf_counter() - started)
         print(f"  svdd M={m}: {rows[f'svdd M={m}']}", flush=True)
     for k in args.smc_k:
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed + 1)
         result = smc_sample(base, task, args.eval_samples, k, args.smc_tau, generator, args.steps)
-        rows[f"smc K={k}"] = steered(result, args.eval_samples, time.perf_counter() - started)
+        rows[f"smc K={k}"] = steered(task, result, args.eval_samples, time.perf_counter() - started)
         print(f"  smc K={k}: {rows[f'smc K={k}']}", flush=True)
     return rows
 
@@ -133,17 +142,18 @@ def crossover_text(summary: dict) -> str:
 
 
 def table(rgdm: dict, base: dict, rows: dict, level: float) -> str:
-    lines = ["| method | mean reward ± s.e. | reaches level | reward calls / sample | s / sample | "
-             "N* (calls) | N* (time) |", "|---|---:|:---:|---:|---:|---:|---:|"]
-    lines.append(f"| pretrained | {base['reward']:.3f} ± {base['reward_se']:.3f} | "
+    lines = ["| method | mean reward ± s.e. | validity / uniqueness | reaches level | reward calls / sample | "
+             "s / sample | N* (calls) | N* (time) |", "|---|---:|---:|:---:|---:|---:|---:|---:|"]
+    quality = lambda r: f"{r.get('validity', math.nan):.2f} / {r.get('uniqueness', math.nan):.2f}"  # noqa: E731
+    lines.append(f"| pretrained | {base['reward']:.3f} ± {base['reward_se']:.3f} | {quality(base)} | "
                  f"{'yes' if base['reward'] >= level else 'no'} | 0 | {base['seconds_per_sample']:.3f} | – | – |")
-    lines.append(f"| RGDM (fine-tuned) | {rgdm['reward']:.3f} ± {rgdm['reward_se']:.3f} | (defines it) | "
-                 f"0 (+{rgdm['train_calls']} once) | {rgdm['seconds_per_sample']:.3f} "
+    lines.append(f"| RGDM (fine-tuned) | {rgdm['reward']:.3f} ± {rgdm['reward_se']:.3f} | {quality(rgdm)} | "
+                 f"(defines it) | 0 (+{rgdm['train_calls']} once) | {rgdm['seconds_per_sample']:.3f} "
                  f"(+{rgdm['train_seconds']:.0f} once) | – | – |")
     for name, row in rows.items():
         n_calls, n_time = crossover(rgdm, row)
         fmt = lambda v: "∞" if math.isinf(v) else f"{v:.0f}"  # noqa: E731
-        lines.append(f"| {name} | {row['reward']:.3f} ± {row['reward_se']:.3f} | "
+        lines.append(f"| {name} | {row['reward']:.3f} ± {row['reward_se']:.3f} | {quality(row)} | "
                      f"{'yes' if row['reward'] >= level else 'no'} | {row['calls_per_sample']:.0f} | "
                      f"{row['seconds_per_sample']:.3f} | {fmt(n_calls)} | {fmt(n_time)} |")
     return "\n".join(lines)
@@ -190,6 +200,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--train-calls", type=int, default=4000, help="RGDM fine-tuning budget (reward calls)")
     parser.add_argument("--train-minutes", type=float, default=10.0, help="wall-time cap of the fine-tuning")
+    parser.add_argument("--rgdm-lr", type=float, default=None, help="learning rate (default: compare.py's)")
+    parser.add_argument("--reuse-inference", type=Path, default=None,
+                        help="results.json of an earlier run with the same base, reward, steps, samples and seed: "
+                             "reuse its pretrained and sampling-time rows instead of measuring them again")
     parser.add_argument("--steps", type=int, default=20, help="reverse steps of every sampler")
     parser.add_argument("--eval-samples", type=int, default=48)
     parser.add_argument("--svdd-m", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8])
@@ -214,15 +228,21 @@ def main() -> None:
     base = loaded.model.eval()
     with make_reward(reward_config) as reward:
         plain_samples(base, MoleculeTask(base, reward, target=args.target), 2, 2, args.seed)  # warm-up, untimed
-        print("pretrained ...", flush=True)
-        base_row = plain_samples(base, MoleculeTask(base, reward, target=args.target), args.eval_samples, args.steps,
-                                 args.seed + 1)
-        print("inference-time methods ...", flush=True)
-        rows = measure_inference(base, MoleculeTask(base, reward, target=args.target), args)
+        if args.reuse_inference is not None:
+            earlier = json.loads(args.reuse_inference.read_text())
+            base_row, rows = earlier["pretrained"], earlier["inference"]
+            print(f"pretrained and inference-time rows reused from {args.reuse_inference}", flush=True)
+        else:
+            print("pretrained ...", flush=True)
+            base_row = plain_samples(base, MoleculeTask(base, reward, target=args.target), args.eval_samples,
+                                     args.steps, args.seed + 1)
+            print("inference-time methods ...", flush=True)
+            rows = measure_inference(base, MoleculeTask(base, reward, target=args.target), args)
         print("RGDM fine-tuning ...", flush=True)
         tuned = copy.deepcopy(base)
         tuned_task = MoleculeTask(tuned, reward, target=args.target)
-        rgdm = finetune_rgdm(tuned, tuned_task, args.train_calls, args.steps, args.seed, args.train_minutes, out)
+        rgdm = finetune_rgdm(tuned, tuned_task, args.train_calls, args.steps, args.seed, args.train_minutes, out,
+                             args.rgdm_lr)
         rgdm.update(plain_samples(tuned, tuned_task, args.eval_samples, args.steps, args.seed + 1))
     level = rgdm["reward"]
     chosen = [name for name in (cheapest_reaching(rows, "svdd", level), cheapest_reaching(rows, "smc", level)) if name]
