@@ -266,7 +266,8 @@ def main() -> None:
                                                      indent=2, default=float))
     text = table(results, reference)
     command = "python benchmarks/compare.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, [], False))
+        f"--{k.replace('_', '-')} {item}" for k, v in vars(args).items() if v not in (None, [], False)
+        for item in (v if isinstance(v, list) else [v]))  # --reward-option is repeated, one flag per value
     per_sample = [m for m in SAMPLING_TIME if m in results]
     note = (f"\n\nReward calls of {', '.join(per_sample)} are per produced sample (paid again for every "
             f"sample); the other methods' are training calls, paid once." if per_sample else "")
