@@ -78,7 +78,6 @@ def smc_sample(model: GaussianDiffusion, task: Task, n: int, K: int, tau: float,
                batch_size: int = 64) -> SMCSamples:
     """``n`` samples of p_ref(x) exp(r(x)/tau), each from its own group of K particles."""
     check_arguments(n, K, tau, ess_threshold, resampling, batch_size)
-    model.eval()
     cond = task.conditions(n, generator)
     grid = model.time_grid(sampling_steps)
     groups_per_batch = max(1, batch_size // K)

@@ -87,7 +87,6 @@ def svdd_sample(model: GaussianDiffusion, task: Task, n: int, M: int, generator:
                 eta: float = 1.0, batch_size: int = 64) -> SteeredSamples:
     """``n`` samples decoded with M candidates per step; reward calls = n * M * (number of steps)."""
     check_arguments(n, M, selection, alpha, batch_size)
-    model.eval()
     cond = task.conditions(n, generator)
     grid = model.time_grid(sampling_steps)
     samples, scores, calls = [], [], 0
