@@ -65,6 +65,14 @@ class GaussianDiffusion(nn.Module):
         """Number of real (unpadded) entries per sample, [B]; the loss averages over these."""
         return self.dof(z, node_mask)
 
+    def snap_to_data(self, x: Tensor, node_mask: Tensor | None = None) -> Tensor:
+        """A generated sample as the training data would encode it (identity for continuous data).
+
+        Objectives that train on the model's own samples (sequence-level RGDM, RWR) call this first:
+        training on continuous, not-quite-one-hot features would teach the model to blur them.
+        """
+        return x
+
     # ----------------------------------------------------------------------------------------- #
     # Forward process and training loss.
 

@@ -83,6 +83,10 @@ class MoleculeDiffusion(GaussianDiffusion):
         return MoleculeBatch(positions=positions, atom_types=atom_types, node_mask=node_mask,
                              elements=self.elements)
 
+    def snap_to_data(self, x: Tensor, node_mask: Tensor | None = None) -> Tensor:
+        """Atom types snapped to one-hot (argmax) and charges to atomic numbers, as in the data."""
+        return self.encode(self.decode(x, node_mask))
+
     def normalize_context(self, properties: dict[str, Tensor]) -> Tensor | None:
         """Raw property values (EDM units) -> the network's context (mean/MAD normalised)."""
         if not self.context_names:

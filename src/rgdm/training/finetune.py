@@ -37,10 +37,10 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     from rgdm.rewards import make_reward
 
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    loaded = load_model(config.base)
+    loaded = load_model(config.base)  # a missing base fails before the run directory is created
+    prepare_run_dir(run_dir, resume)
     model = loaded.model.train()
     reward = reward if reward is not None else make_reward(config.reward)
     task = build_task(config, model, loaded.config, reward)

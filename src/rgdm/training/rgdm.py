@@ -184,7 +184,7 @@ class RGDMObjective:
             x0 = ref.predict_x0(z_s, torch.full((n,), s_int, dtype=torch.long), cond.node_mask, cond.context)
         else:
             # Short deterministic (DDIM, eta = 0) roll-out of the reference model from s to 0.
-            steps = sorted({int(round(v)) for v in torch.linspace(0, s_int, self.config.lookahead_steps + 1)},
+            steps = sorted({round(v) for v in torch.linspace(0, s_int, self.config.lookahead_steps + 1).tolist()},
                            reverse=True)
             z = z_s
             for a, b in zip(steps[:-1], steps[1:]):
@@ -377,6 +377,7 @@ class RGDMObjective:
         weights, tau = self._weights(final.values.unsqueeze(0), final.valid.unsqueeze(0), log_ratio.unsqueeze(0),
                                      None if cond.targets is None else cond.targets[:1])
         weights = weights.squeeze(0)
+        x0 = model.snap_to_data(x0, cond.node_mask)
         losses = [model.loss(x0, cond.node_mask, cond.context, generator=generator)
                   for _ in range(cfg.denoising_repeats)]
         loss = (torch.stack(losses).mean(0) * weights).sum()

@@ -93,6 +93,7 @@ class RWRObjective:
         self.reward_calls += cond.batch_size
         log_weights = cfg.beta * self._scaled(checked_rewards(scores), scores.valid, cond.targets) + log_base
         weights = torch.softmax(log_weights, dim=0)
+        x0 = model.snap_to_data(x0, cond.node_mask)
         losses = [model.loss(x0, cond.node_mask, cond.context, generator=generator)
                   for _ in range(cfg.denoising_repeats)]
         loss = (torch.stack(losses).mean(0) * weights).sum()
