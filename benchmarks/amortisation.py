@@ -11,10 +11,10 @@ at every reverse step. For N accepted samples at the same reward level:
 
 so RGDM is cheaper beyond N* = C_train / c calls-wise (and W_train / (w - w_rgdm) time-wise).
 The target level is the mean reward of RGDM's fine-tuned model, measured on ``--eval-samples``
-samples; each inference-time setting (M for SVDD, K for SMC) is measured on the same number of
-samples, and the cheapest setting that reaches the level defines c. RGDM is fine-tuned here with
-the step-level defaults of ``benchmarks/compare.py`` (``rgdm_step``), on the same model, reward
-and seeds.
+samples; each inference-time setting (M for SVDD, K for SMC, and optionally N for best-of-N, c = N)
+is measured on the same number of samples, and the cheapest setting that reaches the level defines c.
+RGDM is fine-tuned here with the step-level defaults of ``benchmarks/compare.py`` (``rgdm_step``), on
+the same model, reward and seeds.
 
 Outputs in ``--out`` (default ``runs/amortisation/<reward>``): ``results.json``, ``results.md`` (table
 and crossover) and ``calls_vs_n.png`` (total reward calls against the number of samples N).
@@ -38,6 +38,7 @@ from rgdm.eval.molecules import evaluate_molecules
 from rgdm.rewards import make_reward
 from rgdm.runs import load_model
 from rgdm.sampling import smc_sample, svdd_sample
+from rgdm.training.best_of_n import best_of_n
 from rgdm.training.loop import Trainer
 from rgdm.training.tasks import MoleculeTask
 
@@ -93,9 +94,22 @@ def finetune_rgdm(model, task, calls: int, steps: int, seed: int, minutes: float
             "iterations": trainer.step, "lr": lr}
 
 
-def measure_inference(base, task, args) -> dict[str, dict]:
-    """Reward level, calls and seconds per sample of every SVDD M and SMC K on the same conditions."""
+def measure_best_of(base, task, args, skip: set[str] = frozenset()) -> dict[str, dict]:
+    """Best-of-N rows (N reward calls per sample) on the same conditions, except those in ``skip``."""
     rows = {}
+    for n in args.best_of:
+        if f"best-of-{n}" in skip:
+            continue
+        started = time.perf_counter()
+        result = best_of_n(base, task, args.eval_samples, n, torch.Generator().manual_seed(args.seed + 1), args.steps)
+        rows[f"best-of-{n}"] = steered(task, result, args.eval_samples, time.perf_counter() - started)
+        print(f"  best-of-{n}: {rows[f'best-of-{n}']}", flush=True)
+    return rows
+
+
+def measure_inference(base, task, args) -> dict[str, dict]:
+    """Reward level, calls and seconds per sample of every best-of-N, SVDD M and SMC K on the same conditions."""
+    rows = measure_best_of(base, task, args)
     for m in args.svdd_m:
         started = time.perf_counter()
         result = svdd_sample(base, task, args.eval_samples, m, torch.Generator().manual_seed(args.seed + 1),
@@ -203,11 +217,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rgdm-lr", type=float, default=None, help="learning rate (default: compare.py's)")
     parser.add_argument("--reuse-inference", type=Path, default=None,
                         help="results.json of an earlier run with the same base, reward, steps, samples and seed: "
-                             "reuse its pretrained and sampling-time rows instead of measuring them again")
+                             "reuse its pretrained and sampling-time rows (best-of-N rows it lacks are measured)")
     parser.add_argument("--steps", type=int, default=20, help="reverse steps of every sampler")
     parser.add_argument("--eval-samples", type=int, default=48)
     parser.add_argument("--svdd-m", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--smc-k", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4, 8])
+    parser.add_argument("--best-of", type=lambda s: [int(v) for v in s.split(",")] if s else [], default=[],
+                        help="also best-of-N at these N (N reward calls per sample), e.g. 2,4,8,16")
     parser.add_argument("--smc-tau", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -232,6 +248,7 @@ def main() -> None:
             earlier = json.loads(args.reuse_inference.read_text())
             base_row, rows = earlier["pretrained"], earlier["inference"]
             print(f"pretrained and inference-time rows reused from {args.reuse_inference}", flush=True)
+            rows.update(measure_best_of(base, MoleculeTask(base, reward, target=args.target), args, set(rows)))
         else:
             print("pretrained ...", flush=True)
             base_row = plain_samples(base, MoleculeTask(base, reward, target=args.target), args.eval_samples,
@@ -245,7 +262,8 @@ def main() -> None:
                              args.rgdm_lr)
         rgdm.update(plain_samples(tuned, tuned_task, args.eval_samples, args.steps, args.seed + 1))
     level = rgdm["reward"]
-    chosen = [name for name in (cheapest_reaching(rows, "svdd", level), cheapest_reaching(rows, "smc", level)) if name]
+    families = ("svdd", "smc", "best-of")
+    chosen = [name for name in (cheapest_reaching(rows, family, level) for family in families) if name]
     summary = {"base": str(loaded.checkpoint), "base_step": loaded.step, "reward": reward_config,
                "level": level, "pretrained": base_row, "rgdm": rgdm, "inference": rows,
                "cheapest_reaching_level": {name: dict(zip(("calls", "seconds"), crossover(rgdm, rows[name])))
