@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from rgdm.config import FinetuneConfig, RGDMConfig, TrainConfig
 
-DEMO_TARGET_MEV = 7500.0  # above the shipped model's mean xTB gap: the demo must move the distribution
+DEMO_TARGET_MEV = 4000.0  # above the shipped model's mean xTB gap (about 2600 meV on 200 samples)
 DEMO_SCALE_MEV = 1000.0
 
 
