@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"model": f"test data (half vs half, {half} clouds)", **data_metrics})
 
     torch.save({label: clouds.half() for label, clouds in samples.items()}, out / "samples.pt")
-    render = render_point_clouds({label: clouds[:6] for label, clouds in samples.items()},
-                                 out / "before_after.png", title=f"samples steered toward '{args.target}'")
-    render_point_clouds({args.target: reference[:6]}, out / "reference.png")
+    rendered = {label: clouds[:6] for label, clouds in samples.items()}
+    rendered[f"test data ({args.target})"] = reference[:6]
+    render = render_point_clouds(rendered, out / "before_after.png", title=f"samples steered toward '{args.target}'")
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
         shutil.copy(render, args.docs / "shapes_before_after.png")
