@@ -196,3 +196,15 @@ def test_shape_config_errors_name_the_file_and_line(tmp_path):
     path.write_text("name: s\ndomain: shapes\nmodel:\n  widht: 8\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:4: model.widht: unknown key \(did you mean 'width'\?\)"):
         load_config(path, ShapeRunConfig)
+
+
+def test_cli_routes_shape_configs_and_reports_bad_keys_in_one_line(tmp_path, monkeypatch, capsys):
+    from rgdm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: s\ndomain: shapes\nmodel:\n  widht: 8\n")
+    assert main(["pretrain", "--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "bad.yaml:4: model.widht: unknown key" in error
+    assert not (tmp_path / "runs").exists()
