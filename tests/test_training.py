@@ -98,3 +98,10 @@ def test_config_errors_name_the_key(tmp_path):
         from_dict(RunConfig, {"train": {"lr": -1}}).validate()
     with pytest.raises(ConfigError, match="diffusion.schedule"):
         from_dict(RunConfig, {"diffusion": {"schedule": "cosin"}}).validate()
+
+
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 (PyYAML) reads 5e-5 as a string; a float field accepts it anyway.
+    assert from_dict(RunConfig, {"train": {"lr": "5e-5"}}).train.lr == 5e-5
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        from_dict(RunConfig, {"train": {"lr": "fast"}})
