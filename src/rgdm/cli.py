@@ -179,7 +179,8 @@ def finetune(
     values = to_dict(load_config(config, FinetuneConfig, {"base": base})) if config else to_dict(FinetuneConfig())
     values["base"], values["method"] = base, method
     if reward:
-        values["reward"] = {"name": reward, "backend": "process" if reward.startswith("xtb") else "inline"}
+        values["reward"] = {"name": reward, "backend": "process" if reward.startswith("xtb") else "inline",
+                            **_heavy_atom_options(base, reward)}
     if target is not None:
         values["reward"].update({"target": target, "scale": scale})
         values["target"] = target
@@ -188,6 +189,28 @@ def finetune(
     values["name"] = name or f"{Path(base).name}-{method}-{values['reward']['name']}"
     cfg = from_dict(FinetuneConfig, values).validate()
     _run_finetune(cfg, resume, compare, " ".join(["rgdm", *sys.argv[1:]]))
+
+
+# Rewards that perceive bonds with RDKit's DetermineBonds (which needs explicit hydrogens) or run xTB.
+_RDKIT_BOND_REWARDS = ("qed", "sa_score", "logp", "ring_constraint")
+
+
+def _heavy_atom_options(base: str, reward: str) -> dict[str, object]:
+    """Reward options a model without hydrogens needs; announced, and overridable with --set."""
+    from rgdm.runs import resolve_checkpoint
+    from rgdm.training.checkpoint import load_checkpoint
+
+    elements = load_checkpoint(resolve_checkpoint(base)).get("model_spec", {}).get("elements", [])
+    if "H" in elements:
+        return {}
+    options: dict[str, object] = {}
+    if reward in _RDKIT_BOND_REWARDS:
+        options = {"method": "edm"}  # EDM's bond rules; sanitising adds the implicit hydrogens
+    elif reward.startswith("xtb_"):
+        options = {"add_hydrogens": True}  # xTB on a bare skeleton would describe a radical
+    if options:
+        typer.echo(f"the model has no hydrogens: reward options {options} (override with --set reward.KEY=...)")
+    return options
 
 
 def _run_finetune(cfg, resume: bool, compare: int, command: str) -> None:
