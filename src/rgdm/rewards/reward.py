@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
@@ -216,7 +217,8 @@ class PropertyReward(Reward):
 
     def _log_once(self, index: int, outcome: Outcome) -> None:
         """Log each distinct failure reason once; repeats are only counted (see :meth:`stats`)."""
-        event = (outcome.kind, outcome.reason)
+        # Reasons differ only in atom indices and numbers ("atom # 5 O, 3, ...") count as one reason.
+        event = (outcome.kind, re.sub(r"\d+", "#", outcome.reason or ""))
         first_time = event not in self._logged_reasons and len(self._logged_reasons) < _MAX_LOGGED_REASONS
         self._logged_reasons.add(event)
         level = logging.DEBUG
