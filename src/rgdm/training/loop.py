@@ -281,7 +281,7 @@ class Trainer:
                 bar.close()
             if metrics_log is not None:
                 metrics_log.close()
-        if main:
+        if main and last:  # a resumed, already finished run keeps its summary
             (self.run_dir / "last_metrics.json").write_text(json.dumps({"step": self.step, **last}, indent=2))
         return last
 
