@@ -41,6 +41,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
         torch.set_num_threads(config.train.num_threads)
     loaded = load_model(config.base)  # a missing base fails before the run directory is created
     prepare_run_dir(run_dir, resume)
+    torch.manual_seed(config.train.seed)  # the data term draws its noise from the global generator
     model = loaded.model.train()
     reward = reward if reward is not None else make_reward(config.reward)
     task = build_task(config, model, loaded.config, reward)
