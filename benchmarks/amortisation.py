@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from compare import make_objective
+from compare import make_objective, parse_option
 from rgdm.config import TrainConfig
 from rgdm.eval.molecules import evaluate_molecules
 from rgdm.rewards import make_reward
@@ -198,11 +197,6 @@ def plot(rgdm: dict, rows: dict, chosen: list[str], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    key, value = text.split("=", 1)
-    return key, yaml.safe_load(value)
 
 
 def parse_args() -> argparse.Namespace:
