@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+from conftest import free_port
 from rgdm import distributed
 from rgdm.config import RunConfig, from_dict
 from rgdm.training.checkpoint import checkpoint_paths, load_checkpoint
@@ -25,12 +25,6 @@ TINY = {
     "train": {"steps": 4, "batch_size": 15, "log_every": 1, "val_batches": 0, "checkpoint_every": 2,
               "num_threads": 1},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_shard_bounds_cover_the_batch_without_overlap():

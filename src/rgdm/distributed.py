@@ -96,6 +96,8 @@ def all_gather(tensor: Tensor) -> Tensor:
     """
     if not is_initialized():
         return tensor
+    if tensor.dtype == torch.bool:  # gloo has no boolean collectives
+        return all_gather(tensor.to(torch.uint8)).bool()
     counts = torch.zeros(world_size(), dtype=torch.long, device=tensor.device)
     counts[rank()] = tensor.shape[0]
     all_reduce_sum(counts)

@@ -97,11 +97,15 @@ class GaussianDiffusion(nn.Module):
         return (z_t - sigma * eps) / alpha
 
     def loss(self, x: Tensor, node_mask: Tensor | None = None, context: Tensor | None = None,
-             t: Tensor | None = None, generator=None) -> Tensor:
-        """Per-sample epsilon-prediction L2 loss, averaged over real entries, [B]."""
+             t: Tensor | None = None, generator=None, noise: Tensor | None = None) -> Tensor:
+        """Per-sample epsilon-prediction L2 loss, averaged over real entries, [B].
+
+        ``t`` and ``noise`` are drawn (in that order, from ``generator``) unless given.
+        """
         if t is None:
             t = torch.randint(0, self.timesteps + 1, (x.shape[0],), device=x.device, generator=generator)
-        noise = self.noise(x, node_mask, generator)
+        if noise is None:
+            noise = self.noise(x, node_mask, generator)
         z_t = self.q_sample(x, t, noise)
         eps = self.predict_eps(z_t, t, node_mask, context)
         return self.sq_norm(eps - noise, node_mask) / self.count(x, node_mask)
@@ -150,11 +154,13 @@ class GaussianDiffusion(nn.Module):
 
     def step(self, z_t: Tensor, t: Tensor, s: Tensor, node_mask: Tensor | None = None,
              context: Tensor | None = None, eta: float = 1.0, generator=None,
-             z_s: Tensor | None = None) -> StepOutput:
-        """Take (or, given ``z_s``, score) one reverse step."""
+             z_s: Tensor | None = None, noise: Tensor | None = None) -> StepOutput:
+        """Take (or, given ``z_s``, score) one reverse step; ``noise`` replaces the draw from ``generator``."""
         mean, std = self.step_distribution(z_t, t, s, node_mask, context, eta)
         if z_s is None:
-            z_s = mean + self._scale(std, mean) * self.noise(mean, node_mask, generator)
+            if noise is None:
+                noise = self.noise(mean, node_mask, generator)
+            z_s = mean + self._scale(std, mean) * noise
         deterministic = bool((std == 0).all())
         log_prob = None if deterministic else self.log_prob(z_s, mean, std, node_mask)
         return StepOutput(mean=mean, std=std, log_prob=log_prob, sample=z_s)

@@ -39,7 +39,8 @@ from torch import Tensor
 from rgdm.config import ConfigError
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.rgdm import RewardNormalizer, reward_metrics
-from rgdm.training.tasks import Conditions, Scores, Task
+from rgdm.training.rollouts import Trajectories, collect_trajectories, gaussian_kl
+from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
 
 VARIANTS = ("sf", "is")
 
@@ -96,63 +97,6 @@ def _check(key: str, value: float, low: float | None = None, high: float | None 
 # Trajectories of the sampler.
 
 
-@dataclass
-class Trajectories:
-    """Roll-outs of a stochastic sampler along a time grid, with what policy-gradient methods need."""
-
-    conditions: Conditions
-    grid: list[int]  # descending times T, ..., 0 of the states
-    states: Tensor  # [S + 1, B, ...]: states[k] is z at grid[k]; states[k + 1] is the action taken there
-    log_probs: Tensor  # [S, B] log pi(states[k + 1] | states[k]) of the sampling policy (nats)
-    x0: Tensor  # [B, ...] denoised final samples (what the reward scores)
-    reference_log_probs: Tensor | None = None  # [S, B] the same actions under the reference policy
-    kl: Tensor | None = None  # [S, B] KL(pi || pi_ref) at each visited state (nats)
-
-    @property
-    def log_ratio_to_reference(self) -> Tensor:
-        """log pi_ref(trajectory) - log pi(trajectory), [B]."""
-        if self.reference_log_probs is None:
-            raise ValueError("these trajectories were collected without a reference policy")
-        return (self.reference_log_probs - self.log_probs).sum(0)
-
-
-def step_times(t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:
-    return torch.full((n,), t_int, dtype=torch.long), torch.full((n,), s_int, dtype=torch.long)
-
-
-def gaussian_kl(model: GaussianDiffusion, mean: Tensor, reference_mean: Tensor, std: Tensor,
-                node_mask: Tensor | None = None) -> Tensor:
-    """KL(N(mean, std^2 I) || N(reference_mean, std^2 I)) over the state space, [B]."""
-    return 0.5 * model.sq_norm(mean - reference_mean, node_mask) / std**2
-
-
-@torch.no_grad()
-def collect_trajectories(model: GaussianDiffusion, cond: Conditions, grid: list[int], eta: float,
-                         generator: torch.Generator | None = None,
-                         reference: GaussianDiffusion | None = None) -> Trajectories:
-    """Sample ``cond.batch_size`` trajectories; with ``reference``, also score them under it."""
-    n, mask, context = cond.batch_size, cond.node_mask, cond.context
-    z = model.sample_prior(cond.shape, mask, generator)
-    states, log_probs, reference_log_probs, kls = [z], [], [], []
-    for t_int, s_int in zip(grid[:-1], grid[1:]):
-        t, s = step_times(t_int, s_int, n)
-        out = model.step(z, t, s, mask, context, eta=eta, generator=generator)
-        if out.log_prob is None:
-            raise ValueError(f"the step {t_int} -> {s_int} is deterministic (eta = {eta}): policy-gradient "
-                             "methods need a stochastic sampler, eta > 0")
-        log_probs.append(out.log_prob)
-        if reference is not None:
-            reference_mean, reference_std = reference.step_distribution(z, t, s, mask, context, eta)
-            reference_log_probs.append(reference.log_prob(out.sample, reference_mean, reference_std, mask))
-            kls.append(gaussian_kl(model, out.mean, reference_mean, out.std, mask))
-        z = out.sample
-        states.append(z)
-    x0 = model.project(model.predict_x0(z, step_times(0, 0, n)[0], mask, context), mask)
-    stack = lambda values: torch.stack(values) if values else None  # noqa: E731
-    return Trajectories(cond, list(grid), torch.stack(states), torch.stack(log_probs), x0,
-                        stack(reference_log_probs), stack(kls))
-
-
 def checked_rewards(scores: Scores) -> Tensor:
     """The reward values, refusing NaN/inf (a reward must give invalid samples a finite penalty)."""
     if not torch.isfinite(scores.values).all():
@@ -189,12 +133,21 @@ def tracked_advantages(tracker: RewardNormalizer, rewards: Tensor, targets: Tens
 
 @dataclass
 class ReplayBatch:
-    """A collected batch as the replay steps need it (all tensors: it is saved in checkpoints)."""
+    """A collected batch as the replay steps need it (all tensors: it is saved in checkpoints).
+
+    In a data-parallel run each rank holds the trajectories of its rows ``[start, start + n)`` of
+    the global batch of ``global_size`` (and their advantages, computed from all ranks' rewards).
+    """
 
     trajectories: Trajectories
-    advantages: Tensor  # [B], clipped
+    advantages: Tensor  # [n], clipped
     collected_at: int  # trainer step of the collection
     metrics: dict[str, float]
+    start: int = 0
+    global_size: int = 0  # 0: this rank holds the whole batch
+
+    def __post_init__(self) -> None:
+        self.global_size = self.global_size or self.advantages.shape[0]
 
     def state_dict(self) -> dict[str, Any]:
         traj = self.trajectories
@@ -202,6 +155,7 @@ class ReplayBatch:
             "conditions": {f.name: getattr(traj.conditions, f.name) for f in fields(Conditions)},
             **{f.name: getattr(traj, f.name) for f in fields(Trajectories) if f.name != "conditions"},
             "advantages": self.advantages, "collected_at": self.collected_at, "metrics": dict(self.metrics),
+            "start": self.start, "global_size": self.global_size,
         }
 
     @classmethod
@@ -210,11 +164,17 @@ class ReplayBatch:
         cond["shape"] = tuple(cond["shape"])
         traj = Trajectories(Conditions(**cond), **{f.name: state[f.name] for f in fields(Trajectories)
                                                      if f.name != "conditions"})
-        return cls(traj, state["advantages"], int(state["collected_at"]), dict(state["metrics"]))
+        return cls(traj, state["advantages"], int(state["collected_at"]), dict(state["metrics"]),
+                   int(state.get("start", 0)), int(state.get("global_size", 0)))
 
 
 class DDPOObjective:
-    """DDPO_SF or DDPO_IS (optionally with DPOK's KL penalty) as a loss on the shared training loop."""
+    """DDPO_SF or DDPO_IS (optionally with DPOK's KL penalty) as a loss on the shared training loop.
+
+    Data-parallel: every rank rolls out its shard of the global batch; rewards (and KLs) are gathered
+    so that the stat tracker and the advantages are those of the whole batch on every rank; each
+    rank's loss is the sum over its (trajectory, step) terms divided by the global count.
+    """
 
     def __init__(self, model: GaussianDiffusion, task: Task, config: DDPOConfig, seed: int = 0):
         config.validate()
@@ -236,54 +196,60 @@ class DDPOObjective:
             update = 0
         rows = self._minibatch(update)
         loss, metrics = self._policy_loss(model, rows, generator)
-        data_loss = self.task.data_loss(model) if cfg.lambda_mle > 0 else None
+        data_loss = self.task.data_loss(model, step) if cfg.lambda_mle > 0 else None
         if data_loss is not None:
             loss = loss + cfg.lambda_mle * data_loss
             metrics["mle_loss"] = data_loss.item()
         metrics.update(self.batch.metrics)
         metrics["reward_calls"] = float(self.reward_calls)
-        metrics.update({k: v for k, v in self.task.stats().items() if k != "reward_calls"})
+        metrics.update(task_stats(self.task))
         return loss, metrics
 
     # -- collection ------------------------------------------------------------------------- #
 
     def _collect(self, model: GaussianDiffusion, step: int, generator: torch.Generator) -> ReplayBatch:
         cfg = self.config
-        cond = self.task.conditions(cfg.batch_size, generator)
+        shard = BatchShard.of(self.task.conditions(cfg.batch_size, generator))
         grid = model.time_grid(cfg.sampling_steps or None)
-        traj = collect_trajectories(model, cond, grid, cfg.eta, generator, self.reference)
-        scores = self.task.score(traj.x0, cond)
-        self.reward_calls += cond.batch_size
+        traj = collect_trajectories(model, shard, grid, cfg.eta, generator, self.reference)
+        scores = self.task.score(traj.x0, shard.conditions).gathered(shard)
+        self.reward_calls += shard.global_size
         rewards = checked_rewards(scores)
         metrics = reward_metrics(scores)
         if traj.kl is not None:
-            kl = traj.kl.sum(0)
+            kl = shard.gather(traj.kl.sum(0))
             rewards = rewards - cfg.kl_coef * kl
             metrics["kl_to_reference"] = kl.mean().item()
-        advantages = tracked_advantages(self.tracker, rewards, cond.targets, cfg.normalize_advantages)
+        advantages = tracked_advantages(self.tracker, rewards, shard.global_conditions.targets,
+                                        cfg.normalize_advantages)
         advantages = advantages.clamp(-cfg.adv_clip, cfg.adv_clip)
-        return ReplayBatch(traj, advantages, step, metrics)
+        metrics["advantage_abs_mean"] = advantages.abs().mean().item()
+        return ReplayBatch(traj, shard.local(advantages), step, metrics, shard.start, shard.global_size)
 
     def _minibatch(self, update: int) -> Tensor:
-        """Trajectory indices of this update: a slice of a per-epoch shuffle of the batch."""
+        """Global trajectory indices of this update: a slice of a per-epoch shuffle of the batch."""
         cfg, batch = self.config, self.batch
         epoch, part = divmod(update, cfg.minibatches)
         if cfg.minibatches == 1:
-            return torch.arange(batch.advantages.shape[0])
+            return torch.arange(batch.global_size)
         shuffle = torch.Generator().manual_seed((self.seed * 1_000_003 + batch.collected_at) * 997 + epoch)
-        order = torch.randperm(batch.advantages.shape[0], generator=shuffle)
+        order = torch.randperm(batch.global_size, generator=shuffle)
         return order.view(cfg.minibatches, -1)[part]
 
     # -- the loss --------------------------------------------------------------------------- #
 
     def _policy_loss(self, model: GaussianDiffusion, rows: Tensor,
                      generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        cfg, traj = self.config, self.batch.trajectories
+        """This rank's share of the mean policy loss over the minibatch's (trajectory, step) terms."""
+        cfg, batch, traj = self.config, self.batch, self.batch.trajectories
         n_steps = traj.log_probs.shape[0]
         k = max(1, round(cfg.timestep_fraction * n_steps))
         # DDPO trains on a random subset of steps, drawn independently for every trajectory.
-        steps = torch.rand(len(rows), n_steps, generator=generator).argsort(dim=1)[:, :k].reshape(-1)
-        rows = rows.repeat_interleave(k)
+        steps = torch.rand(len(rows), n_steps, generator=generator).argsort(dim=1)[:, :k]
+        n_terms = len(rows) * k
+        mine = (rows >= batch.start) & (rows < batch.start + traj.x0.shape[0])  # rows this rank rolled out
+        steps = steps[mine].reshape(-1)
+        rows = (rows[mine] - batch.start).repeat_interleave(k)
         grid = torch.tensor(traj.grid)
         cond = traj.conditions.select(rows)
         z_t, z_s = traj.states[steps, rows], traj.states[steps + 1, rows]
@@ -291,23 +257,23 @@ class DDPOObjective:
         mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
         dof = model.dof(z_t, cond.node_mask)
         log_prob = model.log_prob(z_s, mean, std, cond.node_mask) / dof  # per dimension, as DDPO's
-        advantages = self.batch.advantages[rows]
+        advantages = batch.advantages[rows]
         metrics: dict[str, float] = {}
         if cfg.variant == "sf":
-            loss = -(advantages * log_prob).mean()
+            loss = -(advantages * log_prob).sum() / n_terms
         else:
             log_ratio = log_prob - traj.log_probs[steps, rows] / dof
             ratio = log_ratio.exp()
             unclipped = -advantages * ratio
             clipped = -advantages * ratio.clamp(1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
-            loss = torch.maximum(unclipped, clipped).mean()
+            loss = torch.maximum(unclipped, clipped).sum() / n_terms
+            # Diagnostics of this rank's terms (rank 0's are logged).
             metrics["approx_kl"] = 0.5 * log_ratio.detach().pow(2).mean().item()
             metrics["clip_fraction"] = ((ratio.detach() - 1.0).abs() > cfg.clip_range).float().mean().item()
         if self.reference is not None:
             reference_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
             kl = gaussian_kl(model, mean, reference_mean, std, cond.node_mask) / dof
-            loss = loss + cfg.kl_coef * kl.mean()
-        metrics["advantage_abs_mean"] = self.batch.advantages.abs().mean().item()
+            loss = loss + cfg.kl_coef * kl.sum() / n_terms
         return loss, metrics
 
     # -- state ------------------------------------------------------------------------------ #

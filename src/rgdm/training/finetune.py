@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from rgdm.config import FinetuneConfig, save_config
+from rgdm import distributed
+from rgdm.config import ConfigError, FinetuneConfig, save_config
 from rgdm.runs import load_model, load_training_data
 from rgdm.training.loop import Trainer
 from rgdm.training.pretrain import prepare_run_dir
@@ -16,6 +17,14 @@ from rgdm.training.rgdm import RGDMObjective
 from rgdm.training.tasks import MoleculeTask
 
 log = logging.getLogger("rgdm.training")
+
+
+def join_process_group(batch_size: int) -> None:
+    """Join ``torchrun``'s process group (CPU, gloo); every rank needs at least one roll-out."""
+    distributed.init_from_env(torch.device("cpu"))
+    if batch_size < distributed.world_size():
+        raise ConfigError(f"batch_size: {batch_size} roll-outs per iteration cannot be split over "
+                          f"{distributed.world_size()} processes")
 
 
 def build_task(config: FinetuneConfig, model, base_config, reward) -> MoleculeTask:
@@ -32,16 +41,19 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     """Fine-tune ``config.base`` toward ``config.reward`` in ``run_dir`` (resumable bit-for-bit).
 
     ``reward`` overrides ``config.reward`` with a reward object (e.g. ``reward_from_function(f)``).
+    Launched by ``torchrun``, every process rolls out and scores its share of each global batch
+    (CPU processes, gloo) and the run follows the single-process trajectory; rank 0 writes the run.
     """
     from rgdm.eval.molecules import evaluate_molecules
     from rgdm.rewards import make_reward
 
     run_dir = Path(run_dir)
+    join_process_group(config.rgdm.batch_size)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     loaded = load_model(config.base)  # a missing base fails before the run directory is created
     prepare_run_dir(run_dir, resume)
-    torch.manual_seed(config.train.seed)  # the data term draws its noise from the global generator
+    distributed.seed_rank(config.train.seed)
     model = loaded.model.train()
     reward = reward if reward is not None else make_reward(config.reward)
     task = build_task(config, model, loaded.config, reward)
@@ -69,7 +81,8 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     trainer = Trainer(model, objective, config.train, run_dir, run_info, evaluate, tensorboard, progress)
     if resume and not trainer.resume():
         log.info("no checkpoint in %s yet: starting from the pre-trained model", run_dir)
-    save_config(config, run_dir / "config.yaml")
+    if distributed.is_main():
+        save_config(config, run_dir / "config.yaml")
     try:
         trainer.fit()
     finally:
@@ -85,7 +98,7 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
     from rgdm.rewards import make_reward
 
     trainer = finetune(config, run_dir, resume=resume, progress=progress)
-    if not compare:
+    if not compare or not distributed.is_main():
         return None
     base = load_model(config.base)
     with make_reward(config.reward) as reward:

@@ -67,10 +67,12 @@ class DenoisingObjective:
 
     name = "mle"
 
-    def __init__(self, dataset: MoleculeDataset, batch_size: int, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, dataset: MoleculeDataset, batch_size: int, seed: int, device: torch.device | str = "cpu",
+                 noise_offset: int = 0):
         self.stream = DataStream(dataset, batch_size, seed)
         self.seed = seed
         self.device = device
+        self.noise_offset = noise_offset  # keeps a data term's noise independent of a fine-tuner's roll-outs
 
     def loss(self, model: MoleculeDiffusion, step: int) -> tuple[Tensor, dict[str, float]]:
         """This rank's share of the global mean loss: sum over its molecules / global batch size."""
@@ -86,7 +88,7 @@ class DenoisingObjective:
 
     def _global_noise(self, model: MoleculeDiffusion, indices: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """(t [B], noise [B, N, 3 + F]) for the global batch, drawn on the CPU from (seed, step)."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step + self.noise_offset)
         node_mask = self.stream.dataset.batch(indices).node_mask
         t = torch.randint(0, model.timesteps + 1, (len(indices),), generator=generator)
         like = torch.empty(*node_mask.shape[:2], 3 + model.n_features)

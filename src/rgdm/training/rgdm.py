@@ -32,9 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rgdm import distributed
 from rgdm.config import RGDMConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
-from rgdm.training.tasks import Conditions, Scores, Task
+from rgdm.training.rollouts import collect_trajectories, weighted_denoising_loss
+from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
 
 # ------------------------------------------------------------------------------------------------- #
 # Reward normalisation and temperature.
@@ -114,9 +116,11 @@ def temperature_for_ess(values: Tensor, log_base: Tensor, target_ess: float, low
 # Feasible shifts.
 
 
-def unit_directions(model: GaussianDiffusion, like: Tensor, node_mask: Tensor | None, generator=None) -> Tensor:
-    """Random unit vectors of the state space (zero CoM and masked for molecules)."""
-    v = model.noise(like, node_mask, generator)
+def unit_directions(model: GaussianDiffusion, shard: BatchShard, repeats: int, generator=None) -> Tensor:
+    """``repeats`` random unit vectors of the state space per row of ``shard`` (zero CoM and masked
+    for molecules), [B * repeats, ...] with each row's vectors consecutive."""
+    v = shard.noise(model, generator, repeats)
+    node_mask = shard.conditions.repeat(repeats).node_mask
     return v / model.sq_norm(v, node_mask).sqrt().clamp(min=1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
@@ -133,7 +137,13 @@ class Exploration:
 
 
 class RGDMObjective:
-    """Step-level or sequence-level RGDM on a trainable policy, relative to a frozen copy of it."""
+    """Step-level or sequence-level RGDM on a trainable policy, relative to a frozen copy of it.
+
+    Data-parallel: every rank rolls out and explores its shard of the global batch (noise drawn for
+    the global batch, see ``BatchShard``) and calls the reward on its own samples; rewards are
+    gathered so that the normaliser, the temperature and the weights are those of the whole batch
+    on every rank, and each rank's loss is the sum over its rows divided by the global batch size.
+    """
 
     def __init__(self, model: GaussianDiffusion, task: Task, config: RGDMConfig, seed: int = 0):
         self.config = config
@@ -141,33 +151,12 @@ class RGDMObjective:
         self.name = f"rgdm-{config.variant}"
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.normalizer = RewardNormalizer(config.normalizer_buffer, config.normalizer_min_count)
-        self.reward_calls = 0
+        self.reward_calls = 0  # over all ranks
+        self._local_calls = 0  # this rank's calls during the current step
         self.seed = seed
-
-    # -- roll-outs -------------------------------------------------------------------------- #
 
     def _grid(self, model: GaussianDiffusion) -> list[int]:
         return model.time_grid(self.config.sampling_steps or None)
-
-    @torch.no_grad()
-    def rollout(self, model: GaussianDiffusion, cond: Conditions, generator=None, reference_log_prob: bool = False):
-        """States z_t along the grid from the current policy; optionally log pi_theta and log pi_ref."""
-        grid = self._grid(model)
-        z = model.sample_prior(cond.shape, cond.node_mask, generator)
-        states, log_ratio = [z], torch.zeros(cond.batch_size)
-        for t_int, s_int in zip(grid[:-1], grid[1:]):
-            t, s = self._times(t_int, s_int, cond.batch_size)
-            out = model.step(z, t, s, cond.node_mask, cond.context, eta=self.config.eta, generator=generator)
-            if reference_log_prob:
-                mean_ref, std_ref = self.reference.step_distribution(z, t, s, cond.node_mask, cond.context,
-                                                                     self.config.eta)
-                log_ref = self.reference.log_prob(out.sample, mean_ref, std_ref, cond.node_mask)
-                log_ratio += (log_ref - out.log_prob).float()
-            z = out.sample
-            states.append(z)
-        x0 = model.project(model.predict_x0(z, self._times(0, 0, cond.batch_size)[0], cond.node_mask,
-                                            cond.context), cond.node_mask)
-        return states, x0, log_ratio
 
     @staticmethod
     def _times(t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:
@@ -193,25 +182,25 @@ class RGDMObjective:
             x0 = ref.predict_x0(z, torch.zeros(n, dtype=torch.long), cond.node_mask, cond.context)
         x0 = ref.project(x0, cond.node_mask)
         scores = self.task.score(x0, cond)
-        self.reward_calls += n
+        self._local_calls += n
         return scores
 
     # -- exploration ----------------------------------------------------------------------- #
 
     @torch.no_grad()
-    def explore(self, z_t: Tensor, t_int: int, s_int: int, cond: Conditions, generator=None) -> Exploration:
-        """K candidates of the step t -> s from the reference policy with feasible shifts."""
-        cfg, ref = self.config, self.reference
+    def explore(self, z_t: Tensor, t_int: int, s_int: int, shard: BatchShard, generator=None) -> Exploration:
+        """K candidates of the step t -> s from the reference policy with feasible shifts (this rank's rows)."""
+        cfg, ref, cond = self.config, self.reference, shard.conditions
         b, k = z_t.shape[0], cfg.num_candidates
         t, s = self._times(t_int, s_int, b)
         mean, std = ref.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
         radius = cfg.radius * (std if cfg.radius_units == "std" else torch.ones_like(std))  # [B]
-        shifts = self._shifts(mean, std, radius, s_int, cond, generator)  # [B, K, ...], shift 0 is zero
+        shifts = self._shifts(mean, std, radius, s_int, shard, generator)  # [B, K, ...], shift 0 is zero
         cond_k = cond.repeat(k)
         flat = lambda v: v.reshape(b * k, *v.shape[2:])  # noqa: E731
         mean_k = mean.unsqueeze(1).expand(b, k, *mean.shape[1:])
         std_k = std.repeat_interleave(k)
-        noise = ref.noise(flat(mean_k), cond_k.node_mask, generator)
+        noise = shard.noise(ref, generator, repeats=k)
         candidates = flat(mean_k + shifts) + std_k.view(-1, *([1] * (noise.dim() - 1))) * noise
         candidates = ref.project(candidates, cond_k.node_mask)
         log_ratio = self._log_proposal_ratio(candidates.view(b, k, *mean.shape[1:]), mean, shifts, std,
@@ -221,9 +210,9 @@ class RGDMObjective:
         return Exploration(candidates.view(b, k, *mean.shape[1:]), perturbations, log_ratio,
                            scores.values.view(b, k), scores.valid.view(b, k), b * k)
 
-    def _shifts(self, mean: Tensor, std: Tensor, radius: Tensor, s_int: int, cond: Conditions,
+    def _shifts(self, mean: Tensor, std: Tensor, radius: Tensor, s_int: int, shard: BatchShard,
                 generator=None) -> Tensor:
-        cfg, ref = self.config, self.reference
+        cfg, ref, cond = self.config, self.reference, shard.conditions
         b, k = mean.shape[0], cfg.num_candidates
         shape = (b, k, *mean.shape[1:])
         if cfg.shift == "none" or k == 1:
@@ -231,8 +220,7 @@ class RGDMObjective:
         rad = radius.view(b, 1, *([1] * (mean.dim() - 1)))
         n_dirs = k - 1 if cfg.shift == "random" else cfg.num_probes
         cond_d = cond.repeat(n_dirs)
-        like = mean.repeat_interleave(n_dirs, dim=0)
-        directions = unit_directions(ref, like, cond_d.node_mask, generator).view(b, n_dirs, *mean.shape[1:])
+        directions = unit_directions(ref, shard, n_dirs, generator).view(b, n_dirs, *mean.shape[1:])
         if cfg.shift == "random":
             chosen = directions
         else:
@@ -250,8 +238,7 @@ class RGDMObjective:
                 dof = ref.dof(mean, cond.node_mask).view(b, 1)
                 grad = ((slope * dof / n_dirs).view(b, n_dirs, *([1] * (mean.dim() - 1))) * directions).sum(1)
                 tilt = grad * (std**2 / self._tau_for_shift()).view(b, *([1] * (mean.dim() - 1)))
-                jitter = unit_directions(ref, mean.repeat_interleave(k - 1, dim=0), cond.repeat(k - 1).node_mask,
-                                         generator).view(b, k - 1, *mean.shape[1:])
+                jitter = unit_directions(ref, shard, k - 1, generator).view(b, k - 1, *mean.shape[1:])
                 shifts = tilt.unsqueeze(1) + cfg.fd_jitter * rad * jitter
                 norms = ref.sq_norm(shifts.reshape(b * (k - 1), *mean.shape[1:]),
                                     cond.repeat(k - 1).node_mask).sqrt().view(b, k - 1, *([1] * (mean.dim() - 1)))
@@ -288,22 +275,31 @@ class RGDMObjective:
     # -- the loss -------------------------------------------------------------------------- #
 
     def loss(self, model: GaussianDiffusion, step: int) -> tuple[Tensor, dict[str, float]]:
+        """This rank's share of the RGDM loss at ``step`` (+ lambda_mle times the data term's share)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        shard = BatchShard.of(self.task.conditions(self.config.batch_size, generator))
+        self._local_calls = 0
         if self.config.variant == "sequence":
-            loss, metrics = self._sequence_loss(model, generator)
+            loss, metrics = self._sequence_loss(model, shard, generator)
         else:
-            loss, metrics = self._step_loss(model, generator)
-        data_loss = self.task.data_loss(model) if self.config.lambda_mle > 0 else None
+            loss, metrics = self._step_loss(model, shard, generator)
+        data_loss = self.task.data_loss(model, step) if self.config.lambda_mle > 0 else None
         if data_loss is not None:
             loss = loss + self.config.lambda_mle * data_loss
-            metrics["mle_loss"] = data_loss.item()
+            metrics["mle_loss"] = data_loss.item()  # this rank's share
+        calls = torch.tensor([self._local_calls], dtype=torch.long)
+        self.reward_calls += int(distributed.all_reduce_sum(calls).item())
         metrics["reward_calls"] = float(self.reward_calls)
-        metrics.update({k: v for k, v in self.task.stats().items() if k != "reward_calls"})
+        metrics.update(task_stats(self.task))
         return loss, metrics
 
     def _weights(self, values: Tensor, valid: Tensor, log_base: Tensor,
                  targets: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Self-normalised weights along the last dim and the temperature used, per row."""
+        """Self-normalised weights along the last dim and the temperature used, per row.
+
+        Called with the *global* batch's values on every rank, so that the normaliser's state and
+        the weights are identical across ranks (and to a single-process run).
+        """
         cfg = self.config
         if cfg.normalize_rewards:
             flat_targets = None if targets is None else targets.unsqueeze(-1).expand_as(values).reshape(-1)
@@ -316,31 +312,32 @@ class RGDMObjective:
         log_w = scaled / tau.unsqueeze(-1) + log_base
         return torch.softmax(log_w, dim=-1), tau
 
-    def _step_loss(self, model: GaussianDiffusion, generator) -> tuple[Tensor, dict[str, float]]:
-        cfg = self.config
-        cond = self.task.conditions(cfg.batch_size, generator)
+    def _step_loss(self, model: GaussianDiffusion, shard: BatchShard, generator) -> tuple[Tensor, dict[str, float]]:
+        cfg, cond = self.config, shard.conditions
         grid = self._grid(model)
-        states, x0, _ = self.rollout(model, cond, generator)
-        final = self.task.score(x0, cond)
-        self.reward_calls += cond.batch_size
+        traj = collect_trajectories(model, shard, grid, cfg.eta, generator, stochastic=False)
+        final = self.task.score(traj.x0, cond).gathered(shard)
+        self._local_calls += cond.batch_size
         n_pairs = len(grid) - 1
         picks = torch.randperm(n_pairs, generator=generator)[: min(cfg.explore_steps, n_pairs)].sort().values
         total, ess_all, entropy_all, tau_all = 0.0, [], [], []
         for idx in picks.tolist():
             t_int, s_int = grid[idx], grid[idx + 1]
-            z_t = states[idx]
-            exp = self.explore(z_t, t_int, s_int, cond, generator)
-            weights, tau = self._weights(exp.values, exp.valid, exp.log_proposal_ratio, cond.targets)
+            z_t = traj.states[idx]
+            exp = self.explore(z_t, t_int, s_int, shard, generator)
+            all_weights, tau = self._weights(shard.gather(exp.values), shard.gather(exp.valid),
+                                             shard.gather(exp.log_proposal_ratio), shard.global_conditions.targets)
+            weights = shard.local(all_weights)
             t, s = self._times(t_int, s_int, cond.batch_size)
             mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
-            step_loss = self._regression_loss(model, mean, std, exp, weights, t, s, cond).mean()
+            step_loss = self._regression_loss(model, mean, std, exp, weights, t, s, cond).sum()
             if cfg.kl_weight > 0:
                 ref_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
                 kl = 0.5 * model.sq_norm(mean - ref_mean, cond.node_mask) / std**2 / model.dof(z_t, cond.node_mask)
-                step_loss = step_loss + cfg.kl_weight * kl.mean()
-            total = total + step_loss / len(picks)
-            ess_all.append(effective_sample_size(torch.log(weights.clamp(min=1e-30))).mean().item())
-            entropy_all.append(-(weights * torch.log(weights.clamp(min=1e-30))).sum(-1).mean().item())
+                step_loss = step_loss + cfg.kl_weight * kl.sum()
+            total = total + step_loss / shard.global_size / len(picks)  # this rank's share of the mean
+            ess_all.append(effective_sample_size(torch.log(all_weights.clamp(min=1e-30))).mean().item())
+            entropy_all.append(-(all_weights * torch.log(all_weights.clamp(min=1e-30))).sum(-1).mean().item())
             tau_all.append(tau.mean().item())
         metrics = reward_metrics(final)
         metrics.update({"ess": _mean(ess_all), "ess_fraction": _mean(ess_all) / cfg.num_candidates,
@@ -367,24 +364,24 @@ class RGDMObjective:
         error = model.sq_norm(mean - target.detach(), cond.node_mask)
         return 0.5 * error / scale.view(bcast).flatten() ** 2 / model.dof(mean, cond.node_mask)
 
-    def _sequence_loss(self, model: GaussianDiffusion, generator) -> tuple[Tensor, dict[str, float]]:
-        cfg = self.config
-        cond = self.task.conditions(cfg.batch_size, generator)
-        _, x0, log_ratio = self.rollout(model, cond, generator, reference_log_prob=True)
-        final = self.task.score(x0, cond)
-        self.reward_calls += cond.batch_size
-        log_ratio = log_ratio.clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
-        weights, tau = self._weights(final.values.unsqueeze(0), final.valid.unsqueeze(0), log_ratio.unsqueeze(0),
-                                     None if cond.targets is None else cond.targets[:1])
-        weights = weights.squeeze(0)
-        x0 = model.snap_to_data(x0, cond.node_mask)
-        losses = [model.loss(x0, cond.node_mask, cond.context, generator=generator)
-                  for _ in range(cfg.denoising_repeats)]
-        loss = (torch.stack(losses).mean(0) * weights).sum()
+    def _sequence_loss(self, model: GaussianDiffusion, shard: BatchShard,
+                       generator) -> tuple[Tensor, dict[str, float]]:
+        cfg, cond = self.config, shard.conditions
+        traj = collect_trajectories(model, shard, self._grid(model), cfg.eta, generator, self.reference)
+        final = self.task.score(traj.x0, cond).gathered(shard)
+        self._local_calls += cond.batch_size
+        log_ratio = shard.gather(traj.log_ratio_to_reference).clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
+        targets = shard.global_conditions.targets
+        all_weights, tau = self._weights(final.values.unsqueeze(0), final.valid.unsqueeze(0), log_ratio.unsqueeze(0),
+                                         None if targets is None else targets[:1])
+        all_weights = all_weights.squeeze(0)
+        weights = shard.local(all_weights)
+        x0 = model.snap_to_data(traj.x0, cond.node_mask)
+        loss = weighted_denoising_loss(model, x0, shard, weights, cfg.denoising_repeats, generator)
         metrics = reward_metrics(final)
-        ess = effective_sample_size(torch.log(weights.clamp(min=1e-30))).item()
-        metrics.update({"ess": ess, "ess_fraction": ess / cond.batch_size, "tau": tau.mean().item(),
-                        "weight_entropy": -(weights * torch.log(weights.clamp(min=1e-30))).sum().item()})
+        ess = effective_sample_size(torch.log(all_weights.clamp(min=1e-30))).item()
+        metrics.update({"ess": ess, "ess_fraction": ess / shard.global_size, "tau": tau.mean().item(),
+                        "weight_entropy": -(all_weights * torch.log(all_weights.clamp(min=1e-30))).sum().item()})
         return loss, metrics
 
     def state_dict(self) -> dict[str, Any]:

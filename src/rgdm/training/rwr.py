@@ -30,9 +30,10 @@ from torch import Tensor
 
 from rgdm.config import ConfigError
 from rgdm.diffusion.gaussian import GaussianDiffusion
-from rgdm.training.ddpo import checked_rewards, collect_trajectories
+from rgdm.training.ddpo import checked_rewards
 from rgdm.training.rgdm import RewardNormalizer, effective_sample_size, reward_metrics
-from rgdm.training.tasks import Conditions, Task
+from rgdm.training.rollouts import collect_trajectories, weighted_denoising_loss
+from rgdm.training.tasks import BatchShard, Task, task_stats
 
 VARIANTS = ("plain", "reference_samples", "importance_ratio")
 
@@ -85,41 +86,43 @@ class RWRObjective:
         self.reward_calls = 0
 
     def loss(self, model: GaussianDiffusion, step: int) -> tuple[Tensor, dict[str, float]]:
+        """This rank's share of the weighted denoising loss (weights over the global batch)."""
         cfg = self.config
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        cond = self.task.conditions(cfg.batch_size, generator)
-        x0, log_base = self._samples(model, cond, generator)
-        scores = self.task.score(x0, cond)
-        self.reward_calls += cond.batch_size
-        log_weights = cfg.beta * self._scaled(checked_rewards(scores), scores.valid, cond.targets) + log_base
-        weights = torch.softmax(log_weights, dim=0)
-        x0 = model.snap_to_data(x0, cond.node_mask)
-        losses = [model.loss(x0, cond.node_mask, cond.context, generator=generator)
-                  for _ in range(cfg.denoising_repeats)]
-        loss = (torch.stack(losses).mean(0) * weights).sum()
+        shard = BatchShard.of(self.task.conditions(cfg.batch_size, generator))
+        x0, log_base = self._samples(model, shard, generator)
+        scores = self.task.score(x0, shard.conditions).gathered(shard)
+        self.reward_calls += shard.global_size
+        targets = shard.global_conditions.targets
+        log_weights = cfg.beta * self._scaled(checked_rewards(scores), scores.valid, targets) + log_base
+        all_weights = torch.softmax(log_weights, dim=0)
+        x0 = model.snap_to_data(x0, shard.conditions.node_mask)
+        loss = weighted_denoising_loss(model, x0, shard, shard.local(all_weights), cfg.denoising_repeats, generator)
         metrics = reward_metrics(scores)
         ess = effective_sample_size(log_weights).item()
-        metrics.update({"ess": ess, "ess_fraction": ess / cond.batch_size, "weight_max": weights.max().item()})
-        data_loss = self.task.data_loss(model) if cfg.lambda_mle > 0 else None
+        metrics.update({"ess": ess, "ess_fraction": ess / shard.global_size, "weight_max": all_weights.max().item()})
+        data_loss = self.task.data_loss(model, step) if cfg.lambda_mle > 0 else None
         if data_loss is not None:
             loss = loss + cfg.lambda_mle * data_loss
-            metrics["mle_loss"] = data_loss.item()
+            metrics["mle_loss"] = data_loss.item()  # this rank's share
         metrics["reward_calls"] = float(self.reward_calls)
-        metrics.update({k: v for k, v in self.task.stats().items() if k != "reward_calls"})
+        metrics.update(task_stats(self.task))
         return loss, metrics
 
     @torch.no_grad()
-    def _samples(self, model: GaussianDiffusion, cond: Conditions, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Final samples of this iteration and the log-weight each gets before the reward, [B]."""
+    def _samples(self, model: GaussianDiffusion, shard: BatchShard,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """This rank's final samples of the iteration and the log-weight each gets before the reward
+        ([B_global]: gathered over ranks)."""
         cfg = self.config
-        steps = cfg.sampling_steps or None
+        grid = model.time_grid(cfg.sampling_steps or None)
         if cfg.variant == "importance_ratio":
-            traj = collect_trajectories(model, cond, model.time_grid(steps), cfg.eta, generator, self.reference)
-            return traj.x0, traj.log_ratio_to_reference.clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
+            traj = collect_trajectories(model, shard, grid, cfg.eta, generator, self.reference)
+            log_ratio = shard.gather(traj.log_ratio_to_reference)
+            return traj.x0, log_ratio.clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
         sampler = self.reference if cfg.variant == "reference_samples" else model
-        x0 = sampler.sample(cond.shape, cond.node_mask, cond.context, num_steps=steps, eta=cfg.eta,
-                            generator=generator)
-        return x0, torch.zeros(cond.batch_size)
+        traj = collect_trajectories(sampler, shard, grid, cfg.eta, generator, stochastic=False)
+        return traj.x0, torch.zeros(shard.global_size)
 
     def _scaled(self, rewards: Tensor, valid: Tensor, targets: Tensor | None) -> Tensor:
         """Rewards in the units beta applies to: raw, or normalised per target (statistics of valid ones)."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rgdm import distributed
 from rgdm.config import (
     ConfigError,
     RGDMConfig,
@@ -43,7 +44,7 @@ from rgdm.training.ddpo import DDPOConfig, DDPOObjective
 from rgdm.training.loop import Trainer
 from rgdm.training.mle import DataStream
 from rgdm.training.rgdm import RGDMObjective
-from rgdm.training.tasks import Conditions, Scores, scores_from_result
+from rgdm.training.tasks import Conditions, Scores, data_generator, scores_from_result, sharded_denoising_loss
 
 DOMAIN = "shapes"
 METHODS = ("rgdm", "ddpo")
@@ -316,7 +317,8 @@ def pretrain_shapes(config: ShapeRunConfig, run_dir: str | Path, resume: bool = 
 
     trainer = Trainer(model, objective, config.train, run_dir, run_info, evaluate, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if distributed.is_main():
+        save_config(config, run_dir / "config.yaml")
     if resume:
         trainer.resume()
     trainer.fit()
@@ -395,7 +397,8 @@ def train_classifier(config: ClassifierConfig, run_dir: str | Path, resume: bool
     trainer = Trainer(model, ClassificationObjective(train_set, config), config.train, run_dir, run_info,
                       evaluate, tensorboard=False, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if distributed.is_main():
+        save_config(config, run_dir / "config.yaml")
     if resume:
         trainer.resume()
     trainer.fit()
@@ -440,11 +443,12 @@ class ShapeTask:
         clouds = [((), cloud) for cloud in x0.detach().cpu()]
         return scores_from_result(self.reward(clouds))
 
-    def data_loss(self, model: PointCloudDiffusion) -> Tensor | None:
+    def data_loss(self, model: PointCloudDiffusion, step: int) -> Tensor | None:
         if self.stream is None:
             return None
         indices = self.stream.next_indices()
-        return model.loss(self.dataset.points[indices], None, model.context_for(self.dataset.labels[indices])).mean()
+        return sharded_denoising_loss(model, self.dataset.points[indices], data_generator(self.seed, step),
+                                      model.context_for(self.dataset.labels[indices]))
 
     def stats(self) -> dict[str, float]:
         stats = self.reward.stats() if hasattr(self.reward, "stats") else {}
@@ -471,15 +475,21 @@ def make_shape_reward(config: dict[str, Any]):
 
 def finetune_shapes(config: ShapeFinetuneConfig, run_dir: str | Path, resume: bool = False,
                     progress: bool = True) -> Trainer:
-    """Fine-tune a pre-trained shape model toward ``config.reward`` with RGDM or DDPO."""
+    """Fine-tune a pre-trained shape model toward ``config.reward`` with RGDM or DDPO.
+
+    Under ``torchrun`` the roll-outs of each iteration are split across CPU processes, as for molecules.
+    """
+    from rgdm.training.finetune import join_process_group
     from rgdm.training.pretrain import RunExistsError
 
     config.validate()
+    join_process_group(config.rgdm.batch_size if config.method == "rgdm" else config.ddpo.batch_size)
     _set_threads(config.train)
     run_dir = Path(run_dir)
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) and not resume:
         raise RunExistsError(f"{run_dir}: run exists; pass --resume to continue it or choose another name")
     base = load_shape_model(config.base)
+    distributed.seed_rank(config.train.seed)
     model = base.model.train()
     reward = make_shape_reward(config.reward)
     lambda_mle = config.rgdm.lambda_mle if config.method == "rgdm" else config.ddpo.lambda_mle
@@ -494,7 +504,8 @@ def finetune_shapes(config: ShapeFinetuneConfig, run_dir: str | Path, resume: bo
                 "class_names": list(model.class_names), "base_checkpoint": str(base.checkpoint)}
     trainer = Trainer(model, objective, config.train, run_dir, run_info, None, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if distributed.is_main():
+        save_config(config, run_dir / "config.yaml")
     if resume:
         trainer.resume()
     try:

@@ -8,11 +8,13 @@ the task, so one objective works for molecules, point clouds and the analytic Ga
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from rgdm import distributed
 
 
 @dataclass
@@ -41,6 +43,54 @@ class Conditions:
 
 
 @dataclass
+class BatchShard:
+    """This rank's rows ``[start, stop)`` of a global batch of roll-outs.
+
+    Data-parallel fine-tuning splits every global batch across ranks (``rgdm.distributed``). What
+    must not depend on the split is drawn for the *global* batch from the step's shared generator
+    and sliced: the conditions (node counts, targets) and every noise draw (``noise``). Each rank
+    therefore computes exactly the rows a single process would compute for it, and N processes
+    follow the single-process trajectory. For a world of one the shard is the whole batch and the
+    draws are the ones a plain single-process run makes.
+    """
+
+    global_conditions: Conditions
+    start: int
+    stop: int
+    conditions: Conditions = field(init=False)  # this rank's rows (padded like the global batch)
+
+    def __post_init__(self) -> None:
+        rows = torch.arange(self.start, self.stop)
+        self.conditions = self.global_conditions.select(rows)
+
+    @classmethod
+    def of(cls, conditions: Conditions) -> BatchShard:
+        """This process's shard of ``conditions`` (all of it outside a data-parallel run)."""
+        start, stop = distributed.shard_bounds(conditions.batch_size)
+        return cls(conditions, start, stop)
+
+    @property
+    def global_size(self) -> int:
+        return self.global_conditions.batch_size
+
+    def noise(self, model: Any, generator: torch.Generator | None = None, repeats: int = 1) -> Tensor:
+        """Standard noise of the state space for this rank's rows, each repeated ``repeats`` times
+        consecutively (candidates, probes), drawn for the global batch and sliced."""
+        cond = self.global_conditions if repeats == 1 else self.global_conditions.repeat(repeats)
+        device = cond.node_mask.device if cond.node_mask is not None else None
+        full = model.noise(torch.empty(cond.shape, device=device), cond.node_mask, generator)
+        return full[self.start * repeats : self.stop * repeats]
+
+    def gather(self, local: Tensor) -> Tensor:
+        """The global batch's rows of a per-row tensor, in batch order (every rank gets all of them)."""
+        return distributed.all_gather(local)
+
+    def local(self, global_rows: Tensor) -> Tensor:
+        """This rank's rows of a tensor over the global batch."""
+        return global_rows[self.start : self.stop]
+
+
+@dataclass
 class Scores:
     """Rewards of final samples: values [B] (penalty where invalid), valid [B], raw property [B]."""
 
@@ -48,20 +98,59 @@ class Scores:
     valid: Tensor
     property: Tensor | None = None
 
+    def gathered(self, shard: BatchShard) -> Scores:
+        """The scores of the whole global batch (identity outside a data-parallel run)."""
+        prop = None if self.property is None else shard.gather(self.property)
+        return Scores(shard.gather(self.values), shard.gather(self.valid), prop)
+
 
 class Task(Protocol):
     def conditions(self, n: int, generator: torch.Generator | None = None) -> Conditions: ...
 
     def score(self, x0: Tensor, conditions: Conditions) -> Scores: ...
 
-    def data_loss(self, model: Any) -> Tensor | None:
-        """Maximum-likelihood loss on a data batch (the lambda_mle regulariser), or None."""
+    def data_loss(self, model: Any, step: int) -> Tensor | None:
+        """This rank's share of the maximum-likelihood loss on the data batch of ``step`` (the
+        lambda_mle regulariser), or None. Its noise comes from ``data_generator(seed, step)``."""
 
     def stats(self) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# Offsets the data term's generator from the roll-outs' (seed * 1_000_003 + step): independent streams.
+DATA_NOISE_OFFSET = 2**40
+
+
+def data_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of the lambda_mle data term at ``step`` (shared by all ranks)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + DATA_NOISE_OFFSET)
+
+
+def sharded_denoising_loss(model: Any, x: Tensor, generator: torch.Generator, context: Tensor | None = None) -> Tensor:
+    """This rank's share of the mean denoising loss of a global data batch ``x`` without a node mask:
+    the noise level and noise of every sample are drawn for the whole batch, then sliced."""
+    size = x.shape[0]
+    t = torch.randint(0, model.timesteps + 1, (size,), generator=generator)
+    noise = model.noise(x, None, generator)
+    start, stop = distributed.shard_bounds(size)
+    local_context = None if context is None else context[start:stop]
+    per_sample = model.loss(x[start:stop], None, local_context, t=t[start:stop], noise=noise[start:stop])
+    return per_sample.sum() / size
+
+
+def task_stats(task: Task) -> dict[str, float]:
+    """The task's counters (reward samples, failures, seconds, ...) summed over ranks, for the logs.
+
+    ``reward_calls`` is left out: objectives count their own (the same on every rank).
+    """
+    stats = task.stats()
+    if distributed.world_size() > 1:
+        per_rank = distributed.all_gather_objects(stats)
+        stats = {key: float(sum(rank_stats.get(key, 0.0) for rank_stats in per_rank)) for key in stats}
+    return {key: value for key, value in stats.items() if key != "reward_calls"}
 
 
 def scores_from_result(result: Any) -> Scores:
@@ -77,10 +166,11 @@ def scores_from_result(result: Any) -> Scores:
 class GaussianTask:
     """The analytic test bed: states in R^d, data N(0, I), any reward on vectors."""
 
-    def __init__(self, dim: int, reward, data_batch: int = 0):
+    def __init__(self, dim: int, reward, data_batch: int = 0, seed: int = 0):
         self.dim = dim
         self.reward = reward
         self.data_batch = data_batch
+        self.seed = seed
         self.calls = 0
 
     def conditions(self, n: int, generator=None) -> Conditions:
@@ -90,10 +180,12 @@ class GaussianTask:
         self.calls += x0.shape[0]
         return scores_from_result(self.reward(x0))
 
-    def data_loss(self, model) -> Tensor | None:
+    def data_loss(self, model, step: int) -> Tensor | None:
         if not self.data_batch:
             return None
-        return model.loss(torch.randn(self.data_batch, self.dim)).mean()
+        generator = data_generator(self.seed, step)
+        data = torch.randn(self.data_batch, self.dim, generator=generator)
+        return sharded_denoising_loss(model, data, generator)
 
     def stats(self) -> dict[str, float]:
         return {"reward_calls": float(self.calls)}
@@ -115,7 +207,7 @@ class MoleculeTask:
 
     def __init__(self, model, reward, dataset=None, target: float | str | None = None,
                  target_property: str | None = None, mle_batch_size: int = 0, seed: int = 0):
-        from rgdm.training.mle import DataStream
+        from rgdm.training.mle import DenoisingObjective
 
         self.model = model
         self.reward = reward
@@ -124,7 +216,9 @@ class MoleculeTask:
         self.target_property = target_property
         if target == "data" and (dataset is None or target_property not in dataset.properties):
             raise ValueError("target 'data' needs a data set with the target property")
-        self.stream = DataStream(dataset, mle_batch_size, seed) if mle_batch_size and dataset is not None else None
+        # The data term is pre-training's objective (sharded over ranks) with its own noise stream.
+        self.data_objective = (DenoisingObjective(dataset, mle_batch_size, seed, noise_offset=DATA_NOISE_OFFSET)
+                               if mle_batch_size and dataset is not None else None)
 
     def conditions(self, n: int, generator=None) -> Conditions:
         model = self.model
@@ -154,10 +248,10 @@ class MoleculeTask:
         batch = self.decode(x0, conditions)
         return scores_from_result(self.reward(batch, conditions.targets))
 
-    def data_loss(self, model) -> Tensor | None:
-        if self.stream is None:
+    def data_loss(self, model, step: int) -> Tensor | None:
+        if self.data_objective is None:
             return None
-        return model.training_loss(self.stream.next()).mean()
+        return self.data_objective.loss(model, step)[0]
 
     def stats(self) -> dict[str, float]:
         stats = self.reward.stats() if hasattr(self.reward, "stats") else {}
@@ -167,8 +261,8 @@ class MoleculeTask:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stream": self.stream.state_dict() if self.stream is not None else None}
+        return {"stream": self.data_objective.stream.state_dict() if self.data_objective is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.stream is not None and state.get("stream") is not None:
-            self.stream.load_state_dict(state["stream"])
+        if self.data_objective is not None and state.get("stream") is not None:
+            self.data_objective.stream.load_state_dict(state["stream"])

@@ -1,0 +1,93 @@
+"""Roll-outs of a diffusion sampler: the trajectories every reward-driven objective learns from.
+
+One function, ``collect_trajectories``, samples a batch along a time grid and records the states,
+the log-probability of every step and, given a frozen reference model, the same steps under the
+reference. RGDM, DDPO and RWR all roll out through it. It takes a ``BatchShard``: in a
+data-parallel run each rank rolls out its rows of the global batch with noise drawn for the global
+batch, so the union of the ranks' trajectories is exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rgdm.diffusion.gaussian import GaussianDiffusion
+from rgdm.training.tasks import BatchShard, Conditions
+
+
+@dataclass
+class Trajectories:
+    """Roll-outs of a sampler along a time grid, with what reward-driven objectives need."""
+
+    conditions: Conditions
+    grid: list[int]  # descending times T, ..., 0 of the states
+    states: Tensor  # [S + 1, B, ...]: states[k] is z at grid[k]; states[k + 1] is the action taken there
+    log_probs: Tensor  # [S, B] log pi(states[k + 1] | states[k]) of the sampling policy (nats; 0 if deterministic)
+    x0: Tensor  # [B, ...] denoised final samples (what the reward scores)
+    reference_log_probs: Tensor | None = None  # [S, B] the same actions under the reference policy
+    kl: Tensor | None = None  # [S, B] KL(pi || pi_ref) at each visited state (nats)
+
+    @property
+    def log_ratio_to_reference(self) -> Tensor:
+        """log pi_ref(trajectory) - log pi(trajectory), [B]."""
+        if self.reference_log_probs is None:
+            raise ValueError("these trajectories were collected without a reference policy")
+        return (self.reference_log_probs - self.log_probs).sum(0)
+
+
+def step_times(t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:
+    return torch.full((n,), t_int, dtype=torch.long), torch.full((n,), s_int, dtype=torch.long)
+
+
+def gaussian_kl(model: GaussianDiffusion, mean: Tensor, reference_mean: Tensor, std: Tensor,
+                node_mask: Tensor | None = None) -> Tensor:
+    """KL(N(mean, std^2 I) || N(reference_mean, std^2 I)) over the state space, [B]."""
+    return 0.5 * model.sq_norm(mean - reference_mean, node_mask) / std**2
+
+
+@torch.no_grad()
+def collect_trajectories(model: GaussianDiffusion, batch: BatchShard | Conditions, grid: list[int], eta: float,
+                         generator: torch.Generator | None = None, reference: GaussianDiffusion | None = None,
+                         stochastic: bool = True) -> Trajectories:
+    """Sample the trajectories of ``batch`` (a shard, or whole conditions); with ``reference``, also
+    score them under it. ``stochastic`` refuses deterministic steps (policy gradients need a std)."""
+    shard = batch if isinstance(batch, BatchShard) else BatchShard(batch, 0, batch.batch_size)
+    cond = shard.conditions
+    n, mask, context = cond.batch_size, cond.node_mask, cond.context
+    z = shard.noise(model, generator)
+    states, log_probs, reference_log_probs, kls = [z], [], [], []
+    for t_int, s_int in zip(grid[:-1], grid[1:]):
+        t, s = step_times(t_int, s_int, n)
+        out = model.step(z, t, s, mask, context, eta=eta, noise=shard.noise(model, generator))
+        if out.log_prob is None and stochastic:
+            raise ValueError(f"the step {t_int} -> {s_int} is deterministic (eta = {eta}): policy-gradient "
+                             "methods need a stochastic sampler, eta > 0")
+        log_probs.append(out.log_prob if out.log_prob is not None else torch.zeros(n))
+        if reference is not None:
+            reference_mean, reference_std = reference.step_distribution(z, t, s, mask, context, eta)
+            reference_log_probs.append(reference.log_prob(out.sample, reference_mean, reference_std, mask))
+            kls.append(gaussian_kl(model, out.mean, reference_mean, out.std, mask))
+        z = out.sample
+        states.append(z)
+    x0 = model.project(model.predict_x0(z, step_times(0, 0, n)[0], mask, context), mask)
+    stack = lambda values: torch.stack(values) if values else None  # noqa: E731
+    return Trajectories(cond, list(grid), torch.stack(states), torch.stack(log_probs), x0,
+                        stack(reference_log_probs), stack(kls))
+
+
+def weighted_denoising_loss(model: GaussianDiffusion, x0: Tensor, shard: BatchShard, weights: Tensor,
+                            repeats: int, generator: torch.Generator | None = None) -> Tensor:
+    """Σ_i w_i · (denoising loss of sample i, averaged over ``repeats`` noise levels) over this rank's
+    rows: the weighted maximum-likelihood fit of sequence-level RGDM and RWR. ``weights`` are the
+    rank's slice of weights normalised over the global batch, so the ranks' losses sum to the global
+    one; noise levels and noise are drawn for the global batch."""
+    cond = shard.conditions
+    losses = []
+    for _ in range(repeats):
+        t = torch.randint(0, model.timesteps + 1, (shard.global_size,), generator=generator)
+        noise = shard.noise(model, generator)
+        losses.append(model.loss(x0, cond.node_mask, cond.context, t=shard.local(t), noise=noise))
+    return (torch.stack(losses).mean(0) * weights).sum()
