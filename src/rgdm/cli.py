@@ -123,14 +123,49 @@ def sample_cmd(
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Argument(help="Run directory, checkpoint, shipped model name, or an .xyz/.sdf file.")],
-    n: Annotated[int, typer.Option(help="Molecules to sample when MODEL is a model.")] = 1000,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (fewer than T: DDIM).")] = None,
+    model: Annotated[list[str], typer.Argument(
+        help="Run directory, checkpoint, shipped model name, or an .xyz/.sdf file; several shape models "
+             "are compared in one report.")],
+    n: Annotated[int | None, typer.Option(help="Samples per model (default: 1000 molecules, 40 shapes).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (fewer than T: DDIM); molecule models.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    novelty: Annotated[bool, typer.Option(help="Compare against QM9 training SMILES.")] = True,
-    out: Annotated[Path | None, typer.Option(help="Metrics JSON path.")] = None,
+    novelty: Annotated[bool, typer.Option(help="Compare against QM9 training SMILES (molecules).")] = True,
+    classifier: Annotated[str | None, typer.Option(
+        help="Shape models: classifier run (default: the fine-tuning reward's, else runs/shape-classifier).")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="Shape models: target class (default: the class the model was fine-tuned toward).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Metrics JSON path (shape models: report directory, default <run>/eval).")] = None,
 ) -> None:
-    """EDM's metrics (atom/molecule stability, validity, uniqueness, novelty) of samples or files."""
+    """EDM's metrics (atom/molecule stability, validity, uniqueness, novelty) of samples or files.
+
+    Shape models: share classified as TARGET, MMD/COV/1-NNA (report.md, metrics.json, samples.png).
+    """
+    from rgdm.cli_shapes import is_shape_model
+    from rgdm.cli_shapes import run_evaluate as run_shapes_evaluate
+    from rgdm.config import ConfigError
+    from rgdm.runs import resolve_checkpoint
+
+    shapes = [is_shape_model(m) for m in model]
+    if any(shapes):
+        if not all(shapes):
+            other = model[shapes.index(False)]
+            if not Path(other).is_file():
+                resolve_checkpoint(other)  # a model that does not exist is the real problem: report that first
+            raise ConfigError(f"{other}: not a shape model; evaluate shape and molecule models separately")
+        if steps is not None:
+            raise ConfigError("--steps: shape models sample with their config's diffusion.sampling_steps")
+        run_shapes_evaluate(model, classifier, target, n, out, seed)
+        return
+    if len(model) > 1:
+        raise ConfigError("evaluate: give one molecule model or file (several models are compared only for shapes)")
+    for option, value in (("--classifier", classifier), ("--target", target)):
+        if value is not None:
+            raise ConfigError(f"{option}: only for shape models; {model[0]} is not one")
+    _evaluate_molecules(model[0], 1000 if n is None else n, steps, seed, novelty, out)
+
+
+def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelty: bool, out: Path | None) -> None:
     from rgdm.eval.molecules import evaluate_molecules
     from rgdm.eval.sampling import qm9_training_smiles, sample_and_evaluate
 
@@ -159,36 +194,68 @@ def evaluate(
 @app.command()
 def finetune(
     base: Annotated[str, typer.Option("--from", help="Pre-trained run directory, checkpoint or shipped model.")],
-    method: Annotated[str, typer.Option(help="Fine-tuning method.")] = "rgdm",
-    reward: Annotated[str | None, typer.Option(help="Reward name (see `rgdm rewards`).")] = None,
-    target: Annotated[float | None, typer.Option(help="Target: reward = -|property - target| / scale.")] = None,
-    scale: Annotated[float, typer.Option(help="Scale of the target-matching reward.")] = 1.0,
+    method: Annotated[str, typer.Option(help="Fine-tuning method (shape models: rgdm or ddpo).")] = "rgdm",
+    reward: Annotated[str | None, typer.Option(
+        help="Reward name (see `rgdm rewards`; shape models: shape_class (default), symmetry, aspect_ratio).")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="Molecules: a number, reward = -|property - target| / scale. Shape models: a class name.")] = None,
+    scale: Annotated[float | None, typer.Option(
+        help="Scale of the target-matching reward (molecules; default 1).")] = None,
+    classifier: Annotated[str | None, typer.Option(
+        help="Shape models: classifier run of the shape_class reward (default: runs/shape-classifier).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML fine-tuning config (overrides the defaults).")] = None,
     name: Annotated[str | None, typer.Option(help="Run name (default: <base>-<method>-<reward>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint bit-for-bit.")] = False,
-    compare: Annotated[int, typer.Option(help="Molecules to sample before/after for report.md (0 = none).")] = 200,
+    compare: Annotated[int | None, typer.Option(
+        help="Samples before/after for report.md (default: 200 molecules, 40 shapes; 0 = none).")] = None,
     set_: SetOption = None,
 ) -> None:
-    """Steer a pre-trained model toward a reward during training (RGDM)."""
+    """Steer a pre-trained model toward a reward during training (RGDM; shape models also DDPO)."""
     from rgdm import distributed
     from rgdm.config import ConfigError, FinetuneConfig, from_dict, load_config, set_dotted, to_dict
 
     if distributed.launched_by_torchrun():
         raise ConfigError("finetune: data-parallel fine-tuning is not supported yet; run one process "
                           "(reward calls scale out with reward backend 'process' or 'ray')")
+    from rgdm.cli_shapes import is_shape_model
+    from rgdm.cli_shapes import run_finetune as run_shapes_finetune
+
+    if is_shape_model(base):  # a point-cloud model: --target is a class name
+        if scale is not None:
+            raise ConfigError("--scale: only for molecule property targets; a shape model's --target is a class")
+        run_shapes_finetune(base, method, reward, classifier, target, config, name, resume, compare, set_)
+        return
+    if classifier is not None:
+        raise ConfigError(f"--classifier: only for shape models; {base} is not one")
+    number = _property_target(base, target)
     values = to_dict(load_config(config, FinetuneConfig, {"base": base})) if config else to_dict(FinetuneConfig())
     values["base"], values["method"] = base, method
     if reward:
         values["reward"] = {"name": reward, "backend": "process" if reward.startswith("xtb") else "inline",
                             **_heavy_atom_options(base, reward)}
-    if target is not None:
-        values["reward"].update({"target": target, "scale": scale})
-        values["target"] = target
+    if number is not None:
+        values["reward"].update({"target": number, "scale": 1.0 if scale is None else scale})
+        values["target"] = number
     for key, value in _overrides(set_).items():
         set_dotted(values, key, value)
     values["name"] = name or f"{Path(base).name}-{method}-{values['reward']['name']}"
     cfg = from_dict(FinetuneConfig, values).validate()
-    _run_finetune(cfg, resume, compare, " ".join(["rgdm", *sys.argv[1:]]))
+    _run_finetune(cfg, resume, 200 if compare is None else compare, " ".join(["rgdm", *sys.argv[1:]]))
+
+
+def _property_target(base: str, target: str | None) -> float | None:
+    """A molecule model's --target as a number; a one-line error for anything else (e.g. a class name)."""
+    from rgdm.config import ConfigError
+    from rgdm.runs import resolve_checkpoint
+
+    if target is None:
+        return None
+    try:
+        return float(target)
+    except ValueError:
+        resolve_checkpoint(base)  # a base that does not exist is the real problem: report that first
+        raise ConfigError(f"--target {target!r}: a molecule model needs a number (a property value, e.g. "
+                          f"--target 4.5); class names are targets of shape models") from None
 
 
 # Rewards that perceive bonds with RDKit's DetermineBonds (which needs explicit hydrogens) or run xTB.
