@@ -138,13 +138,31 @@ def test_device_choice_is_checked():
             distributed.resolve_device("cuda")
 
 
-def test_finetune_under_torchrun_is_refused_clearly(monkeypatch, capsys):
+def test_finetune_cli_under_torchrun_matches_single_process(tmp_path, tiny_pretrained, monkeypatch):
+    """`torchrun -m rgdm finetune` with 2 ranks == `rgdm finetune` in one process (uneven 3 + 2 split)."""
     from rgdm import cli
 
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    assert cli.main(["finetune", "--from", "qm9-noh-small", "--reward", "qed"]) == 2
-    assert capsys.readouterr().err.startswith("error: finetune: data-parallel fine-tuning is not supported yet")
-    assert not distributed.is_initialized()
+    args = ["finetune", "--from", str(tiny_pretrained), "--reward", "qed", "--name", "ft", "--compare", "0",
+            "--set", "rgdm.batch_size=5", "--set", "rgdm.sampling_steps=6", "--set", "rgdm.num_candidates=3",
+            "--set", "rgdm.explore_steps=1", "--set", "train.steps=2", "--set", "train.num_threads=1",
+            "--set", "eval_samples=0"]
+    (tmp_path / "ddp").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "rgdm", *args]
+    result = subprocess.run(command, cwd=tmp_path / "ddp", env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("fine-tuned model in") == 1  # only rank 0 reports
+
+    (tmp_path / "single").mkdir()
+    monkeypatch.chdir(tmp_path / "single")
+    assert cli.main(args) == 0
+    ddp = load_checkpoint(checkpoint_paths(tmp_path / "ddp" / "runs" / "ft" / "checkpoints")[-1])
+    single = load_checkpoint(checkpoint_paths(tmp_path / "single" / "runs" / "ft" / "checkpoints")[-1])
+    assert ddp["step"] == single["step"] == 2
+    assert ddp["objective"]["reward_calls"] == single["objective"]["reward_calls"] > 0
+    assert len(ddp["rank_rngs"]) == 2
+    for name, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][name], value, rtol=0, atol=1e-5, msg=f"model.{name}")
+    assert any(not torch.equal(value, single["objective"]["reference"][name])
+               for name, value in single["model"].items())

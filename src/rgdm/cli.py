@@ -194,7 +194,8 @@ def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelt
 @app.command()
 def finetune(
     base: Annotated[str, typer.Option("--from", help="Pre-trained run directory, checkpoint or shipped model.")],
-    method: Annotated[str, typer.Option(help="Fine-tuning method (shape models: rgdm or ddpo).")] = "rgdm",
+    method: Annotated[str, typer.Option(
+        help="rgdm, or the baselines ddpo and rwr (shape models: rgdm or ddpo).")] = "rgdm",
     reward: Annotated[str | None, typer.Option(
         help="Reward name (see `rgdm rewards`; shape models: shape_class (default), symmetry, aspect_ratio).")] = None,
     target: Annotated[str | None, typer.Option(
@@ -210,15 +211,13 @@ def finetune(
         help="Samples before/after for report.md (default: 200 molecules, 40 shapes; 0 = none).")] = None,
     set_: SetOption = None,
 ) -> None:
-    """Steer a pre-trained model toward a reward during training (RGDM; shape models also DDPO)."""
-    from rgdm import distributed
-    from rgdm.config import ConfigError, FinetuneConfig, from_dict, load_config, set_dotted, to_dict
+    """Steer a pre-trained model toward a reward during training (RGDM, or the DDPO / RWR baselines).
 
-    if distributed.launched_by_torchrun():
-        raise ConfigError("finetune: data-parallel fine-tuning is not supported yet; run one process "
-                          "(reward calls scale out with reward backend 'process' or 'ray')")
+    Under ``torchrun --nproc_per_node N -m rgdm finetune ...`` the roll-outs are split over N processes.
+    """
     from rgdm.cli_shapes import is_shape_model
     from rgdm.cli_shapes import run_finetune as run_shapes_finetune
+    from rgdm.config import ConfigError, FinetuneConfig, from_dict, load_config, set_dotted, to_dict
 
     if is_shape_model(base):  # a point-cloud model: --target is a class name
         if scale is not None:
@@ -281,11 +280,18 @@ def _heavy_atom_options(base: str, reward: str) -> dict[str, object]:
 
 
 def _run_finetune(cfg, resume: bool, compare: int, command: str) -> None:
+    from rgdm import distributed
     from rgdm.eval.compare import markdown_table
     from rgdm.training.finetune import finetune_and_report
 
     run_dir = RUNS_DIR / cfg.name
-    summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command)
+    try:
+        summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command)
+        main = distributed.is_main()
+    finally:
+        distributed.shutdown()
+    if not main:  # under torchrun, rank 0 reports
+        return
     typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
     if summaries:
         typer.echo(markdown_table(summaries))

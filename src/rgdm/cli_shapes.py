@@ -154,6 +154,7 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
     of the base model) is required; a class-conditional base is also asked for ``target``.
     compare: clouds sampled before and after for ``report.md`` (needs a classifier and a target).
     """
+    from rgdm import distributed
     from rgdm.config import ConfigError, from_dict, load_config, set_dotted, to_dict
     from rgdm.training.shapes import ShapeFinetuneConfig, finetune_shapes
 
@@ -185,6 +186,11 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
         finetune_shapes(cfg, run_dir, resume=resume)
     except ValueError as err:  # e.g. a class the classifier does not know: one line, not a traceback
         raise ConfigError(str(err)) from None
+    finally:
+        main = distributed.is_main()
+        distributed.shutdown()
+    if not main:  # under torchrun, rank 0 reports
+        return run_dir
     typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
     compare = DEFAULT_COMPARE if compare is None else compare
     report_target = cfg.target_class or cfg.reward.get("target_class")

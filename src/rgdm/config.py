@@ -177,17 +177,99 @@ class RGDMConfig:
             raise ConfigError("rgdm.num_probes: best_probe needs at least num_candidates - 1 probes")
 
 
+DDPO_VARIANTS = ("sf", "is")
+
+
+@dataclass
+class DDPOConfig:
+    """DDPO_SF / DDPO_IS (defaults follow Black et al. 2023 where they apply)."""
+
+    variant: str = "is"  # "sf" (score function, on-policy) or "is" (importance sampling, PPO clipping)
+    batch_size: int = 16  # trajectories per collected batch
+    sampling_steps: int = 50  # reverse steps of a trajectory; 0 = all T steps
+    eta: float = 1.0  # stochasticity of the sampler (must be > 0: log-probabilities need a std)
+    inner_epochs: int = 1  # passes over each collected batch ("is" only)
+    minibatches: int = 1  # optimizer updates per pass, each on a shuffled slice of the batch ("is" only)
+    clip_range: float = 1e-4  # PPO clip of the per-dimension probability ratio
+    adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
+    timestep_fraction: float = 1.0  # fraction of each trajectory's steps in the loss (random subset)
+    normalize_advantages: bool = True  # divide by the tracker's std (False: only subtract its mean)
+    tracker_buffer: int = 16  # rewards remembered per target
+    tracker_min_count: int = 16  # below this many, a target is normalised with the batch's statistics
+    kl_coef: float = 0.0  # DPOK's per-step KL penalty to the frozen reference (0 disables it)
+    lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
+    mle_batch_size: int = 64  # molecules per data batch of that loss
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.inner_epochs * self.minibatches
+
+    def validate(self) -> None:
+        _check_choice("ddpo.variant", self.variant, DDPO_VARIANTS)
+        for key in ("batch_size", "inner_epochs", "minibatches", "tracker_buffer", "tracker_min_count",
+                    "mle_batch_size"):
+            _check_range(f"ddpo.{key}", getattr(self, key), low=1)
+        _check_range("ddpo.sampling_steps", self.sampling_steps, low=0)
+        _check_range("ddpo.eta", self.eta, low=1e-6, high=1.0)
+        _check_range("ddpo.clip_range", self.clip_range, low=0.0)
+        _check_range("ddpo.adv_clip", self.adv_clip, low=1e-6)
+        _check_range("ddpo.timestep_fraction", self.timestep_fraction, low=1e-6, high=1.0)
+        _check_range("ddpo.kl_coef", self.kl_coef, low=0.0)
+        _check_range("ddpo.lambda_mle", self.lambda_mle, low=0.0)
+        if self.variant == "sf" and self.updates_per_batch != 1:
+            raise ConfigError("ddpo.inner_epochs: the score-function variant is on-policy; use inner_epochs = 1 "
+                              "and minibatches = 1 (or variant 'is')")
+        if self.batch_size % self.minibatches:
+            raise ConfigError(f"ddpo.minibatches: {self.minibatches} does not divide batch_size {self.batch_size}")
+
+
+RWR_VARIANTS = ("plain", "reference_samples", "importance_ratio")
+
+
+@dataclass
+class RWRConfig:
+    """Reward-weighted regression (weights softmax(beta · r) over the batch)."""
+
+    variant: str = "plain"  # "plain", "reference_samples" or "importance_ratio" (see the module docstring)
+    batch_size: int = 16  # samples per iteration
+    sampling_steps: int = 50  # reverse steps of a sample; 0 = all T steps
+    eta: float = 1.0  # sampler stochasticity ("importance_ratio" needs eta > 0 for trajectory log-probs)
+    beta: float = 0.2  # inverse temperature of the weights
+    normalize_rewards: bool = False  # per-target running mean/std before weighting
+    normalizer_buffer: int = 512
+    normalizer_min_count: int = 16
+    max_log_ratio: float = 5.0  # "importance_ratio": clip of log pi_ref(traj) / pi_theta(traj)
+    denoising_repeats: int = 4  # noise levels per sample in the weighted denoising loss
+    lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
+    mle_batch_size: int = 64  # molecules per data batch of that loss
+
+    def validate(self) -> None:
+        _check_choice("rwr.variant", self.variant, RWR_VARIANTS)
+        for key in ("batch_size", "normalizer_buffer", "normalizer_min_count", "denoising_repeats", "mle_batch_size"):
+            _check_range(f"rwr.{key}", getattr(self, key), low=1)
+        _check_range("rwr.sampling_steps", self.sampling_steps, low=0)
+        _check_range("rwr.eta", self.eta, low=1e-6 if self.variant == "importance_ratio" else 0.0, high=1.0)
+        for key in ("beta", "max_log_ratio", "lambda_mle"):
+            _check_range(f"rwr.{key}", getattr(self, key), low=0.0)
+
+
+
+FINETUNE_METHODS = ("rgdm", "ddpo", "rwr")
+
+
 @dataclass
 class FinetuneConfig:
     """Reward-driven fine-tuning of a pre-trained model (``rgdm finetune``)."""
 
     name: str = "finetune"  # run directory name under runs/
     base: str = ""  # run directory, checkpoint or shipped model name of the pre-trained model
-    method: str = "rgdm"  # fine-tuning method
+    method: str = "rgdm"  # fine-tuning method: rgdm, or the baselines ddpo and rwr (their sections below)
     reward: dict[str, Any] = field(default_factory=lambda: {"name": "qed", "backend": "inline"})  # make_reward config
     target: float | None = None  # reward target (raw property units); None = maximise the reward
     target_from_data: str = ""  # QM9 property whose data values serve as per-sample targets
     rgdm: RGDMConfig = field(default_factory=RGDMConfig)  # see the rgdm section
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)  # used when method is ddpo
+    rwr: RWRConfig = field(default_factory=RWRConfig)  # used when method is rwr
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=50, lr=1e-4, ema_decay=0.0, log_every=1, val_every=10, checkpoint_every=10, grad_clip=1.0))
     eval_samples: int = 64  # molecules sampled for validity/stability every train.val_every iterations
@@ -197,17 +279,22 @@ class FinetuneConfig:
             raise ConfigError(f"name: {self.name!r} must be a non-empty directory name without '/'")
         if not self.base:
             raise ConfigError("base: give the pre-trained model (run directory, checkpoint or shipped name)")
-        _check_choice("method", self.method, ("rgdm",))
+        _check_choice("method", self.method, FINETUNE_METHODS)
         if not isinstance(self.reward, dict) or "name" not in self.reward:
             raise ConfigError("reward: expected a mapping with a 'name' key, e.g. {name: qed}")
         if self.target_from_data:
             from rgdm.data.properties import PROPERTIES
 
             _check_choice("target_from_data", self.target_from_data, PROPERTIES)
-        self.rgdm.validate()
+        self.method_config.validate()
         self.train.validate()
         _check_range("eval_samples", self.eval_samples, low=0)
         return self
+
+    @property
+    def method_config(self) -> RGDMConfig | DDPOConfig | RWRConfig:
+        """The section of the chosen method (the other sections are ignored)."""
+        return getattr(self, self.method)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -8,12 +8,23 @@ import inspect
 import typing
 from pathlib import Path
 
-from rgdm.config import DataConfig, DiffusionConfig, FinetuneConfig, ModelConfig, RGDMConfig, RunConfig, TrainConfig
+from rgdm.config import (
+    DataConfig,
+    DDPOConfig,
+    DiffusionConfig,
+    FinetuneConfig,
+    ModelConfig,
+    RGDMConfig,
+    RunConfig,
+    RWRConfig,
+    TrainConfig,
+)
 
 SECTIONS = [
     ("Pre-training (`rgdm pretrain --config`)", RunConfig, [
         ("data", DataConfig), ("model", ModelConfig), ("diffusion", DiffusionConfig), ("train", TrainConfig)]),
-    ("Fine-tuning (`rgdm finetune --config`)", FinetuneConfig, [("rgdm", RGDMConfig), ("train", TrainConfig)]),
+    ("Fine-tuning (`rgdm finetune --config`)", FinetuneConfig, [("rgdm", RGDMConfig), ("ddpo", DDPOConfig),
+                                                                        ("rwr", RWRConfig), ("train", TrainConfig)]),
 ]
 
 

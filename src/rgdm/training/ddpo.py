@@ -36,62 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rgdm.config import ConfigError
+from rgdm.config import DDPOConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.rgdm import RewardNormalizer, reward_metrics
 from rgdm.training.rollouts import Trajectories, collect_trajectories, gaussian_kl
 from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
-
-VARIANTS = ("sf", "is")
-
-
-@dataclass
-class DDPOConfig:
-    """DDPO_SF / DDPO_IS (defaults follow Black et al. 2023 where they apply)."""
-
-    variant: str = "is"  # "sf" (score function, on-policy) or "is" (importance sampling, PPO clipping)
-    batch_size: int = 16  # trajectories per collected batch
-    sampling_steps: int = 50  # reverse steps of a trajectory; 0 = all T steps
-    eta: float = 1.0  # stochasticity of the sampler (must be > 0: log-probabilities need a std)
-    inner_epochs: int = 1  # passes over each collected batch ("is" only)
-    minibatches: int = 1  # optimizer updates per pass, each on a shuffled slice of the batch ("is" only)
-    clip_range: float = 1e-4  # PPO clip of the per-dimension probability ratio
-    adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
-    timestep_fraction: float = 1.0  # fraction of each trajectory's steps in the loss (random subset)
-    normalize_advantages: bool = True  # divide by the tracker's std (False: only subtract its mean)
-    tracker_buffer: int = 16  # rewards remembered per target
-    tracker_min_count: int = 16  # below this many, a target is normalised with the batch's statistics
-    kl_coef: float = 0.0  # DPOK's per-step KL penalty to the frozen reference (0 disables it)
-    lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
-
-    @property
-    def updates_per_batch(self) -> int:
-        return self.inner_epochs * self.minibatches
-
-    def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"ddpo.variant: {self.variant!r} is not one of {', '.join(VARIANTS)}")
-        for key in ("batch_size", "inner_epochs", "minibatches", "tracker_buffer", "tracker_min_count"):
-            _check(key, getattr(self, key), low=1)
-        _check("sampling_steps", self.sampling_steps, low=0)
-        _check("eta", self.eta, low=1e-6, high=1.0)
-        _check("clip_range", self.clip_range, low=0.0)
-        _check("adv_clip", self.adv_clip, low=1e-6)
-        _check("timestep_fraction", self.timestep_fraction, low=1e-6, high=1.0)
-        _check("kl_coef", self.kl_coef, low=0.0)
-        _check("lambda_mle", self.lambda_mle, low=0.0)
-        if self.variant == "sf" and self.updates_per_batch != 1:
-            raise ConfigError("ddpo.inner_epochs: the score-function variant is on-policy; use inner_epochs = 1 "
-                              "and minibatches = 1 (or variant 'is')")
-        if self.batch_size % self.minibatches:
-            raise ConfigError(f"ddpo.minibatches: {self.minibatches} does not divide batch_size {self.batch_size}")
-
-
-def _check(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ConfigError(f"ddpo.{key}: {value} is outside {bounds}")
-
 
 # ------------------------------------------------------------------------------------------------- #
 # Trajectories of the sampler.

@@ -28,17 +28,31 @@ def join_process_group(batch_size: int) -> None:
 
 
 def build_task(config: FinetuneConfig, model, base_config, reward) -> MoleculeTask:
-    needs_data = config.rgdm.lambda_mle > 0 or bool(config.target_from_data)
+    method = config.method_config
+    needs_data = method.lambda_mle > 0 or bool(config.target_from_data)
     dataset = load_training_data(base_config) if needs_data else None
     target: Any = "data" if config.target_from_data else config.target
     return MoleculeTask(model, reward, dataset, target=target, target_property=config.target_from_data or None,
-                        mle_batch_size=config.rgdm.mle_batch_size if config.rgdm.lambda_mle > 0 else 0,
-                        seed=config.train.seed)
+                        mle_batch_size=method.mle_batch_size if method.lambda_mle > 0 else 0, seed=config.train.seed)
+
+
+def build_objective(config: FinetuneConfig, model, task: MoleculeTask):
+    """The objective of ``config.method`` on the shared training loop."""
+    if config.method == "ddpo":
+        from rgdm.training.ddpo import DDPOObjective
+
+        return DDPOObjective(model, task, config.ddpo, seed=config.train.seed)
+    if config.method == "rwr":
+        from rgdm.training.rwr import RWRObjective
+
+        return RWRObjective(model, task, config.rwr, seed=config.train.seed)
+    return RGDMObjective(model, task, config.rgdm, seed=config.train.seed)
 
 
 def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
              tensorboard: bool = True, reward=None) -> Trainer:
-    """Fine-tune ``config.base`` toward ``config.reward`` in ``run_dir`` (resumable bit-for-bit).
+    """Fine-tune ``config.base`` toward ``config.reward`` with ``config.method`` (RGDM, or the DDPO
+    and RWR baselines) in ``run_dir``, resumable bit-for-bit.
 
     ``reward`` overrides ``config.reward`` with a reward object (e.g. ``reward_from_function(f)``).
     Launched by ``torchrun``, every process rolls out and scores its share of each global batch
@@ -48,7 +62,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     from rgdm.rewards import make_reward
 
     run_dir = Path(run_dir)
-    join_process_group(config.rgdm.batch_size)
+    join_process_group(config.method_config.batch_size)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     loaded = load_model(config.base)  # a missing base fails before the run directory is created
@@ -57,7 +71,8 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     model = loaded.model.train()
     reward = reward if reward is not None else make_reward(config.reward)
     task = build_task(config, model, loaded.config, reward)
-    objective = RGDMObjective(model, task, config.rgdm, seed=config.train.seed)
+    objective = build_objective(config, model, task)
+    sampling_steps = config.method_config.sampling_steps or None
 
     def evaluate(current, step: int) -> dict[str, float]:
         if config.eval_samples == 0:
@@ -65,8 +80,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
         generator = torch.Generator().manual_seed(10_000 + config.train.seed)
         cond = task.conditions(config.eval_samples, generator)
         current.eval()
-        x0 = current.sample(cond.shape, cond.node_mask, cond.context, num_steps=config.rgdm.sampling_steps or None,
-                            generator=generator)
+        x0 = current.sample(cond.shape, cond.node_mask, cond.context, num_steps=sampling_steps, generator=generator)
         batch = task.decode(x0, cond)
         metrics = evaluate_molecules(batch)
         scores = task.score(x0, cond)
@@ -104,5 +118,6 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
     with make_reward(config.reward) as reward:
         task = build_task(config, base.model, base.config, reward)
         label = config.reward["name"] + (f" (target {config.target:g})" if config.target is not None else "")
-        return finetune_report(run_dir, base.model, trainer.model, task, compare, config.rgdm.sampling_steps or None,
-                               label, config.target, command, seed=config.train.seed + 1, progress=progress)
+        steps = config.method_config.sampling_steps or None
+        return finetune_report(run_dir, base.model, trainer.model, task, compare, steps, label, config.target, command,
+                               seed=config.train.seed + 1, progress=progress)

@@ -22,53 +22,17 @@ mean/std, and beta is then in inverse reward standard deviations.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rgdm.config import ConfigError
+from rgdm.config import RWRConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.ddpo import checked_rewards
 from rgdm.training.rgdm import RewardNormalizer, effective_sample_size, reward_metrics
 from rgdm.training.rollouts import collect_trajectories, weighted_denoising_loss
 from rgdm.training.tasks import BatchShard, Task, task_stats
-
-VARIANTS = ("plain", "reference_samples", "importance_ratio")
-
-
-@dataclass
-class RWRConfig:
-    """Reward-weighted regression (weights softmax(beta · r) over the batch)."""
-
-    variant: str = "plain"  # "plain", "reference_samples" or "importance_ratio" (see the module docstring)
-    batch_size: int = 16  # samples per iteration
-    sampling_steps: int = 50  # reverse steps of a sample; 0 = all T steps
-    eta: float = 1.0  # sampler stochasticity ("importance_ratio" needs eta > 0 for trajectory log-probs)
-    beta: float = 0.2  # inverse temperature of the weights
-    normalize_rewards: bool = False  # per-target running mean/std before weighting
-    normalizer_buffer: int = 512
-    normalizer_min_count: int = 16
-    max_log_ratio: float = 5.0  # "importance_ratio": clip of log pi_ref(traj) / pi_theta(traj)
-    denoising_repeats: int = 4  # noise levels per sample in the weighted denoising loss
-    lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
-
-    def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"rwr.variant: {self.variant!r} is not one of {', '.join(VARIANTS)}")
-        for key in ("batch_size", "normalizer_buffer", "normalizer_min_count", "denoising_repeats"):
-            _check(key, getattr(self, key), low=1)
-        _check("sampling_steps", self.sampling_steps, low=0)
-        _check("eta", self.eta, low=1e-6 if self.variant == "importance_ratio" else 0.0, high=1.0)
-        for key in ("beta", "max_log_ratio", "lambda_mle"):
-            _check(key, getattr(self, key), low=0.0)
-
-
-def _check(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ConfigError(f"rwr.{key}: {value} is outside {bounds}")
 
 
 class RWRObjective:
