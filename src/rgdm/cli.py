@@ -28,6 +28,9 @@ def _add_shapes_commands() -> None:
 
 
 _add_shapes_commands()
+from rgdm.cli_benchmark import app as benchmark_app  # noqa: E402 - `rgdm benchmark ...` (light imports only)
+
+app.add_typer(benchmark_app, name="benchmark")
 
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config value, e.g. --set train.steps=100 (repeatable).")]

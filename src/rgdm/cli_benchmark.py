@@ -1,0 +1,546 @@
+"""``rgdm benchmark conditional``: EDM's conditional-generation protocol (Table 3) as one command.
+
+    rgdm benchmark conditional --property gap --budget small      # ≤ 60 min on a 2-core CPU
+    rgdm benchmark conditional --property all --budget paper      # EDM's sizes, for a GPU
+
+The command runs *stages* and skips every stage whose output already exists, so an interrupted or
+time-capped run continues where it stopped when re-run with the same options:
+
+1. evaluator: EGNN regressor on D_a            runs/regressor-<p>-Da[-noH]
+2. reward model: EGNN regressor on D_b         runs/regressor-<p>-Db[-noH]
+3. conditional EDM on D_b                      runs/cond-<p>-Db-<budget>
+4. rows that need no training: Naive, #Atoms, lower bound; conditional EDM; guidance
+5. physics targets (GFN2-xTB of D_b molecules; gap and μ only)
+6. RGDM fine-tunes of the conditional EDM      runs/rgdm-<p>-{regressor,xtb}-<budget>, and their rows
+7. physics rows (xTB MAE on generated geometries)
+
+Results go to ``<out>/<budget>/``: ``<p>/rows/*.json`` per row, ``results.json`` with every number,
+``table.md`` (EDM's layout with EDM's published rows above ours). Protocol: docs/conditional.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rgdm.config import ConfigError, _check_choice, _check_range
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Benchmarks: EDM's conditional-generation protocol (rgdm benchmark conditional).")
+log = logging.getLogger("rgdm.benchmark")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------------------------- #
+# Budget presets.
+
+
+@dataclass
+class ConditionalBudget:
+    """Sizes of one run of the protocol. ``small`` fits in an hour of one CPU core per property."""
+
+    name: str
+    remove_h: bool = True  # heavy atoms only (generators, evaluator and reward model alike)
+    samples: int = 500  # generated molecules per row (EDM: 10,000)
+    sampling_steps: int = 100  # DDIM steps for every generated row; 0 = all T steps (ancestral)
+    sample_batch: int = 250
+    lower_bound_molecules: int = 5000  # D_b molecules for the Naive and lower-bound rows; 0 = all 50k
+    pretrain_config: str = "configs/conditional_small.yaml"  # conditional EDM (data.conditioning is set per property)
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    regressor_config: str = "configs/regressor_cpu.yaml"  # evaluator (D_a) and reward model (D_b); "" = EDM's
+    regressor_overrides: dict[str, Any] = field(default_factory=dict)
+    guidance_scales: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    guidance_select_samples: int = 64  # molecules per trial scale (judged by the D_b regressor)
+    rgdm_variant: str = "sequence"
+    rgdm_steps: int = 400  # fine-tuning iterations (the wall-time cap usually stops it first)
+    rgdm_minutes: float = 8.0  # wall-time cap per fine-tune; 0 = none
+    rgdm_batch: int = 32  # roll-outs per iteration
+    rgdm_sampling_steps: int = 50
+    rgdm_lr: float = 5e-5
+    rgdm_tau: float = 0.25
+    rgdm_lambda_mle: float = 1.0
+    reward_penalty: float = -3.0  # reward of a molecule the reward cannot score (in units of the property's MAD)
+    physics_molecules: int = 400  # D_b molecules whose xTB values are the physics targets
+    physics_samples: int = 300  # generated molecules per physics row
+    xtb_workers: int = 1
+    threads: int = 1  # torch threads; 0 = torch's default
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> ConditionalBudget:
+        for key in ("samples", "sample_batch", "guidance_select_samples", "rgdm_steps", "rgdm_batch",
+                    "physics_molecules", "physics_samples", "xtb_workers"):
+            _check_range(f"budget.{key}", getattr(self, key), low=1)
+        for key in ("sampling_steps", "lower_bound_molecules", "rgdm_sampling_steps", "threads"):
+            _check_range(f"budget.{key}", getattr(self, key), low=0)
+        _check_range("budget.rgdm_minutes", self.rgdm_minutes, low=0.0)
+        _check_range("budget.rgdm_lr", self.rgdm_lr, low=0.0)
+        _check_range("budget.rgdm_tau", self.rgdm_tau, low=1e-6)
+        _check_range("budget.rgdm_lambda_mle", self.rgdm_lambda_mle, low=0.0)
+        _check_choice("budget.rgdm_variant", self.rgdm_variant, ("step", "sequence"))
+        if any(s < 0 for s in self.guidance_scales):
+            raise ConfigError("budget.guidance_scales: scales must be >= 0")
+        return self
+
+
+BUDGETS: dict[str, ConditionalBudget] = {
+    # ~40-50 CPU minutes per property at one thread: 12 min conditional EDM, 2 × 8 min RGDM, sampling.
+    "small": ConditionalBudget(name="small"),
+    # EDM's sizes (with hydrogens, 10k samples, all 1000 steps): for a GPU, days on a CPU.
+    "paper": ConditionalBudget(
+        name="paper", remove_h=False, samples=10_000, sampling_steps=0, sample_batch=500, lower_bound_molecules=0,
+        pretrain_config="configs/conditional_paper.yaml", regressor_config="", guidance_select_samples=256,
+        rgdm_minutes=0.0, rgdm_steps=2000, rgdm_batch=64, rgdm_sampling_steps=100, physics_molecules=2000,
+        physics_samples=2000, xtb_workers=8, threads=0),
+    # Seconds, for tests: a few steps of tiny models on a few molecules.
+    "tiny": ConditionalBudget(
+        name="tiny", samples=6, sampling_steps=4, sample_batch=4, lower_bound_molecules=32,
+        pretrain_overrides={"model.hidden_nf": 8, "model.n_layers": 1, "diffusion.timesteps": 20, "train.steps": 2,
+                            "train.max_minutes": 0.0, "train.val_batches": 0, "train.checkpoint_every": 2,
+                            "train.batch_size": 8, "data.max_train_molecules": 64},
+        regressor_overrides={"model.hidden_nf": 8, "model.n_layers": 1, "train.steps": 2, "train.batch_size": 8,
+                             "train.val_batches": 0, "train.checkpoint_every": 2, "train.max_minutes": 0.0,
+                             "data.max_train_molecules": 64, "data.test_molecules": 16},
+        guidance_scales=(0.0, 0.3), guidance_select_samples=4, rgdm_steps=1, rgdm_minutes=0.0, rgdm_batch=4,
+        rgdm_sampling_steps=3, physics_molecules=6, physics_samples=4, progress=False),
+}
+
+
+def get_budget(name: str) -> ConditionalBudget:
+    _check_choice("--budget", name, tuple(BUDGETS))
+    return BUDGETS[name].validate()
+
+
+# --------------------------------------------------------------------------------------------- #
+# The benchmark: stages with outputs on disk.
+
+
+class ConditionalBenchmark:
+    """One property at one budget; every ``stage_*`` method is skipped when its output exists."""
+
+    def __init__(self, prop: str, budget: ConditionalBudget, out_dir: Path, runs_dir: Path,
+                 with_xtb: bool = True) -> None:
+        from rgdm.data.properties import PROPERTIES
+
+        _check_choice("--property", prop, PROPERTIES)
+        self.prop, self.budget, self.runs_dir = prop, budget, Path(runs_dir)
+        self.out = Path(out_dir) / budget.name / prop
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "rows").mkdir(exist_ok=True)
+        from rgdm.eval.conditional import XTB_REWARDS
+
+        self.with_xtb = with_xtb and prop in XTB_REWARDS
+        self.timings: dict[str, float] = {}
+        self._cache: dict[str, Any] = {}
+
+    # --- paths ------------------------------------------------------------------------------ #
+    def regressor_dir(self, split: str) -> Path:
+        from rgdm.training.regression import default_run_name
+
+        return self.runs_dir / default_run_name(self.prop, split, self.budget.remove_h)
+
+    @property
+    def conditional_dir(self) -> Path:
+        return self.runs_dir / f"cond-{self.prop}-Db-{self.budget.name}"
+
+    def rgdm_dir(self, kind: str) -> Path:
+        return self.runs_dir / f"rgdm-{self.prop}-{kind}-{self.budget.name}"
+
+    def row_path(self, row: str, physics: bool = False) -> Path:
+        return self.out / ("physics" if physics else "rows") / f"{row}.json"
+
+    # --- shared data ------------------------------------------------------------------------ #
+    def db(self):
+        if "db" not in self._cache:
+            from rgdm.data.qm9 import load_qm9
+
+            self._cache["db"] = load_qm9("Db", remove_h=self.budget.remove_h)
+        return self._cache["db"]
+
+    def targets(self):
+        from rgdm.eval.conditional import draw_targets
+
+        return draw_targets(self.db(), self.prop, self.budget.samples, seed=1000 + self.budget.seed)
+
+    def scale(self) -> float:
+        """The property's mean absolute deviation on D_b: the unit of the target-matching rewards."""
+        return float(self.db().property_stats(self.prop)[1])
+
+    def evaluator(self):
+        from rgdm.training.regression import load_regressor
+
+        return load_regressor(self.regressor_dir("Da")).model
+
+    def reward_regressor(self):
+        from rgdm.training.regression import load_regressor
+
+        return load_regressor(self.regressor_dir("Db")).model
+
+    # --- bookkeeping ------------------------------------------------------------------------ #
+    def _timed(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(seconds, 1)
+        log.info("%s/%s: %s done in %.1f s", self.budget.name, self.prop, name, seconds)
+
+    def _save_row(self, row: str, entry: dict[str, Any], physics: bool = False) -> None:
+        path = self.row_path(row, physics)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(entry, indent=2))
+
+    def _has_row(self, row: str, physics: bool = False) -> bool:
+        return self.row_path(row, physics).is_file()
+
+    # --- training stages -------------------------------------------------------------------- #
+    def stage_regressor(self, split: str) -> None:
+        from rgdm.config import from_dict, load_config, set_dotted, to_dict
+        from rgdm.training.regression import RegressorConfig, train_regressor
+
+        run_dir = self.regressor_dir(split)
+        if (run_dir / "test_metrics.json").is_file():
+            return
+        started = time.perf_counter()
+        b = self.budget
+        values = to_dict(load_config(_config_path(b.regressor_config), RegressorConfig)
+                         if b.regressor_config else RegressorConfig())
+        values["name"] = run_dir.name
+        values["data"].update({"property": self.prop, "split": split, "remove_h": b.remove_h})
+        for key, value in b.regressor_overrides.items():
+            set_dotted(values, key, value)
+        cfg = from_dict(RegressorConfig, values).validate()
+        train_regressor(cfg, run_dir, resume=_has_checkpoints(run_dir), progress=b.progress, tensorboard=False)
+        self._timed(f"regressor_{split}", time.perf_counter() - started)
+
+    def stage_conditional_model(self) -> None:
+        from rgdm.config import load_config
+        from rgdm.training.pretrain import pretrain
+
+        run_dir = self.conditional_dir
+        if (run_dir / "last_metrics.json").is_file():
+            return
+        started = time.perf_counter()
+        b = self.budget
+        overrides = {"name": run_dir.name, "data.conditioning": [self.prop], "data.train_split": "Db",
+                     "data.remove_h": b.remove_h, **b.pretrain_overrides}
+        cfg = load_config(_config_path(b.pretrain_config), overrides=overrides)
+        pretrain(cfg, run_dir, resume=_has_checkpoints(run_dir), progress=b.progress, tensorboard=False)
+        self._timed("conditional_edm_training", time.perf_counter() - started)
+
+    def stage_rgdm(self, kind: str) -> None:
+        """Fine-tune the conditional EDM with RGDM toward per-sample D_b targets (``kind``: regressor | xtb)."""
+        from rgdm.config import FinetuneConfig, RGDMConfig, TrainConfig
+        from rgdm.training.finetune import finetune
+
+        run_dir = self.rgdm_dir(kind)
+        if (run_dir / "last_metrics.json").is_file():
+            return
+        started = time.perf_counter()
+        b = self.budget
+        reward, description = self.target_reward(kind)
+        cfg = FinetuneConfig(name=run_dir.name, base=str(self.conditional_dir), method="rgdm", reward=description,
+                             target_from_data=self.prop, eval_samples=0)
+        cfg.rgdm = RGDMConfig(variant=b.rgdm_variant, batch_size=b.rgdm_batch, sampling_steps=b.rgdm_sampling_steps,
+                              tau=b.rgdm_tau, lambda_mle=b.rgdm_lambda_mle)
+        cfg.train = TrainConfig(steps=b.rgdm_steps, lr=b.rgdm_lr, ema_decay=0.0, log_every=1, val_every=10**6,
+                                checkpoint_every=10, grad_clip=1.0, max_minutes=b.rgdm_minutes,
+                                num_threads=b.threads, seed=b.seed)
+        finetune(cfg.validate(), run_dir, resume=_has_checkpoints(run_dir), progress=b.progress,
+                 tensorboard=False, reward=reward)
+        self._timed(f"rgdm_{kind}_training", time.perf_counter() - started)
+
+    def target_reward(self, kind: str):
+        """-|property(x) - c| / MAD for a D_b target c: the D_b regressor, or xTB mapped onto the DFT scale."""
+        from rgdm.eval.conditional import AffineProperty, xtb_reward_config
+        from rgdm.rewards import make_reward
+        from rgdm.rewards.reward import TargetMatch
+
+        scale, penalty = self.scale(), self.budget.reward_penalty
+        if kind == "regressor":
+            inner = make_reward({"name": "regressor", "model": str(self.regressor_dir("Db")), "backend": "inline"})
+            return (TargetMatch(inner, scale=scale, penalty=penalty),
+                    {"name": "regressor", "model": str(self.regressor_dir("Db")), "backend": "inline",
+                     "scale": scale, "penalty": penalty})
+        fit = self.physics_targets()["fit"]
+        config = xtb_reward_config(self.prop, self.budget.xtb_workers)
+        inner = AffineProperty(make_reward(config), fit["slope"], fit["intercept"])
+        return (TargetMatch(inner, scale=scale, penalty=penalty),
+                {**config, "scale": scale, "penalty": penalty,
+                 "mapped_to_dft": {"slope": fit["slope"], "intercept": fit["intercept"]}})
+
+    # --- rows ------------------------------------------------------------------------------- #
+    def stage_reference_rows(self) -> None:
+        """Naive, #Atoms and the evaluator's lower bound (no generator involved)."""
+        from rgdm.eval.conditional import NodeCountPredictor, atoms_mae, mae_summary, naive_mae, predict_dataset, subset
+
+        if all(self._has_row(r) for r in ("naive", "atoms", "lower_bound")):
+            return
+        started = time.perf_counter()
+        db = self.db()
+        real = subset(db, self.budget.lower_bound_molecules, seed=7 + self.budget.seed)
+        labels = real.properties[self.prop].double()
+        predictions = predict_dataset(self.evaluator(), real)
+        self._save_row("lower_bound", {**mae_summary(predictions, labels), "molecules": "D_b"})
+        self._save_row("naive", {**naive_mae(predictions, labels, seed=11 + self.budget.seed),
+                                 "molecules": "D_b, labels shuffled"})
+        predictor = NodeCountPredictor.fit(db.num_atoms, db.properties[self.prop])
+        self._save_row("atoms", {**atoms_mae(predictor, self.targets()), "predictor": predictor.to_dict()})
+        self._timed("reference_rows", time.perf_counter() - started)
+
+    def _generated_row(self, row: str, model, guidance=None, extra: dict[str, Any] | None = None) -> None:
+        from rgdm.eval.conditional import generate, mae_summary, predict, shuffled, validity
+
+        started = time.perf_counter()
+        b = self.budget
+        targets = self.targets()
+        batches = generate(model, self.prop, targets, b.sampling_steps or None, seed=2000 + b.seed,
+                           batch_size=b.sample_batch, guidance=guidance)
+        sampling_seconds = time.perf_counter() - started
+        predictions = predict(self.evaluator(), batches)
+        entry = {**mae_summary(predictions, targets.values), "validity": validity(batches),
+                 "naive_on_generated": mae_summary(predictions, shuffled(targets.values, 13))["mae"],
+                 "reward_model_mae": mae_summary(predict(self.reward_regressor(), batches), targets.values)["mae"],
+                 "sampling_seconds": round(sampling_seconds, 1), "sampling_steps": b.sampling_steps or model.timesteps,
+                 **(extra or {})}
+        self._save_row(row, entry)
+        self._timed(row, time.perf_counter() - started)
+
+    def stage_conditional_row(self) -> None:
+        if self._has_row("conditional_edm"):
+            return
+        from rgdm.runs import load_model
+
+        self._generated_row("conditional_edm", load_model(self.conditional_dir).model)
+
+    def stage_guidance_row(self) -> None:
+        """Guidance of the conditional EDM by the D_b regressor; the scale is chosen on a few molecules."""
+        if self._has_row("guidance"):
+            return
+        from rgdm.eval.conditional import choose_guidance_scale, draw_targets
+        from rgdm.runs import load_model
+
+        started = time.perf_counter()
+        b = self.budget
+        model = load_model(self.conditional_dir).model
+        regressor = self.reward_regressor()
+        trial_targets = draw_targets(self.db(), self.prop, b.guidance_select_samples, seed=3000 + b.seed)
+        scale, trials = choose_guidance_scale(model, self.prop, trial_targets, regressor, b.guidance_scales,
+                                              b.sampling_steps or None, seed=4000 + b.seed)
+        self._timed("guidance_scale_selection", time.perf_counter() - started)
+        self._generated_row("guidance", model, guidance=(regressor, scale),
+                            extra={"scale": scale, "scale_trials": trials})
+
+    def stage_rgdm_row(self, kind: str) -> None:
+        row = f"rgdm_{kind}"
+        if self._has_row(row):
+            return
+        from rgdm.runs import load_model
+
+        loaded = load_model(self.rgdm_dir(kind))
+        metrics_path = self.rgdm_dir(kind) / "last_metrics.json"
+        last = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        self._generated_row(row, loaded.model, extra={"finetune_iterations": loaded.step,
+                                                      "reward_calls": last.get("reward_calls")})
+
+    # --- physics variant -------------------------------------------------------------------- #
+    def physics_targets(self) -> dict[str, Any]:
+        """xTB values of random D_b molecules (heavy atoms + RDKit hydrogens), and the xTB -> DFT line."""
+        path = self.out / "physics" / "targets.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        from rgdm.eval.conditional import linear_fit, subset
+
+        started = time.perf_counter()
+        real = subset(self.db(), self.budget.physics_molecules, seed=17 + self.budget.seed)
+        values, valid = xtb_values_of(real, self.prop, self.budget.xtb_workers)
+        dft = real.properties[self.prop].double()
+        slope, intercept, r = linear_fit(values, dft)
+        keep = valid.nonzero().flatten()
+        data = {"xtb": values[keep].tolist(), "dft": dft[keep].tolist(),
+                "node_counts": real.num_atoms[keep].tolist(), "xtb_success": float(valid.float().mean()),
+                "fit": {"slope": slope, "intercept": intercept, "pearson_r": r,
+                        "mae_after_fit": float((slope * values[keep] + intercept - dft[keep]).abs().mean())},
+                "molecules": len(real)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+        self._timed("physics_targets", time.perf_counter() - started)
+        return data
+
+    def stage_physics_reference_rows(self) -> None:
+        if self._has_row("naive", physics=True) and self._has_row("atoms", physics=True):
+            return
+        import torch
+
+        from rgdm.eval.conditional import NodeCountPredictor, mae_summary, shuffled
+
+        data = self.physics_targets()
+        xtb, counts = torch.tensor(data["xtb"], dtype=torch.float64), torch.tensor(data["node_counts"])
+        self._save_row("naive", {**mae_summary(xtb, shuffled(xtb, 19)), "xtb_success": 1.0}, physics=True)
+        predictor = NodeCountPredictor.fit(counts, xtb)
+        self._save_row("atoms", {**mae_summary(predictor(counts), xtb), "xtb_success": 1.0,
+                                 "predictor": predictor.to_dict()}, physics=True)
+
+    def stage_physics_row(self, row: str, source: Path) -> None:
+        """xTB on molecules generated for xTB targets (the context is the target mapped to DFT)."""
+        if self._has_row(row, physics=True) or not source.exists():
+            return
+        import torch
+
+        from rgdm.eval.conditional import Targets, generate, mae_summary
+        from rgdm.runs import load_model
+
+        started = time.perf_counter()
+        b = self.budget
+        data = self.physics_targets()
+        n = min(b.physics_samples, len(data["xtb"]))
+        xtb_targets = torch.tensor(data["xtb"][:n], dtype=torch.float64)
+        fit = data["fit"]
+        context_targets = Targets(torch.tensor(data["node_counts"][:n]), fit["slope"] * xtb_targets + fit["intercept"])
+        model = load_model(source).model
+        batches = generate(model, self.prop, context_targets, b.sampling_steps or None, seed=5000 + b.seed,
+                           batch_size=b.sample_batch)
+        values, valid = xtb_values_of(batches, self.prop, b.xtb_workers)
+        entry = {**mae_summary(values, xtb_targets), "xtb_success": float(valid.float().mean())}
+        self._save_row(row, entry, physics=True)
+        self._timed(f"physics_{row}", time.perf_counter() - started)
+
+    # --- everything ------------------------------------------------------------------------- #
+    def run(self, on_progress=None) -> None:
+        """All stages in order; ``on_progress()`` is called after each (to refresh the table)."""
+        steps = [
+            lambda: self.stage_regressor("Da"), lambda: self.stage_regressor("Db"), self.stage_conditional_model,
+            self.stage_reference_rows, self.stage_conditional_row, self.stage_guidance_row,
+        ]
+        if self.with_xtb:
+            steps += [self.physics_targets, self.stage_physics_reference_rows,
+                      lambda: self.stage_physics_row("conditional_edm", self.conditional_dir)]
+        steps += [lambda: self.stage_rgdm("regressor"), lambda: self.stage_rgdm_row("regressor")]
+        if self.with_xtb:
+            steps += [lambda: self.stage_rgdm("xtb"), lambda: self.stage_rgdm_row("xtb"),
+                      lambda: self.stage_physics_row("rgdm_xtb", self.rgdm_dir("xtb")),
+                      lambda: self.stage_physics_row("rgdm_regressor", self.rgdm_dir("regressor"))]
+        for step in steps:
+            step()
+            if on_progress is not None:
+                on_progress()
+
+    def results(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(rows, physics rows) read back from disk."""
+        rows = {p.stem: json.loads(p.read_text()) for p in sorted((self.out / "rows").glob("*.json"))}
+        physics_dir = self.out / "physics"
+        physics = {p.stem: json.loads(p.read_text()) for p in sorted(physics_dir.glob("*.json"))
+                   if p.stem != "targets"} if physics_dir.is_dir() else {}
+        return rows, physics
+
+
+def xtb_values_of(molecules, prop: str, workers: int):
+    """xTB values of a dataset or of generated batches (the torch-free worker processes do the work)."""
+    from rgdm.data.dataset import MoleculeDataset
+    from rgdm.eval.conditional import xtb_values
+
+    if isinstance(molecules, MoleculeDataset):
+        molecules = [molecules.molecule(i) for i in range(len(molecules))]
+        molecules = [(symbols, positions.numpy()) for symbols, positions in molecules]
+    return xtb_values(molecules, prop, workers)
+
+
+def write_report(out_dir: Path, budget: ConditionalBudget, props: list[str], runs_dir: Path,
+                 timings: dict[str, dict[str, float]], command: str) -> dict[str, Any]:
+    """Collect every property's rows into ``results.json`` and ``table.md`` under ``out_dir/<budget>``."""
+    from rgdm.eval.conditional import EDM_TABLE3, details_table, markdown_table, physics_table
+
+    base = Path(out_dir) / budget.name
+    results: dict[str, Any] = {}
+    physics: dict[str, Any] = {}
+    for prop in sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []:
+        bench = ConditionalBenchmark(prop, budget, out_dir, runs_dir)
+        rows, phys = bench.results()
+        if rows:
+            results[prop] = rows
+        if phys:
+            physics[prop] = phys
+            target_file = bench.out / "physics" / "targets.json"
+            if target_file.is_file():
+                data = json.loads(target_file.read_text())
+                physics[prop]["targets"] = {k: data[k] for k in ("fit", "xtb_success", "molecules")}
+    previous = base / "results.json"
+    old_timings = json.loads(previous.read_text()).get("timings_seconds", {}) if previous.is_file() else {}
+    for prop, stage_times in timings.items():
+        old_timings.setdefault(prop, {}).update(stage_times)
+    payload = {"budget": asdict(budget), "command": command, "properties_requested": props,
+               "results": results, "physics": physics, "edm_table3": EDM_TABLE3, "timings_seconds": old_timings}
+    base.mkdir(parents=True, exist_ok=True)
+    previous.write_text(json.dumps(payload, indent=2, default=_json_default))
+    parts = [f"# EDM's conditional protocol, budget {budget.name}", "", f"Command: `{command}`", "",
+             "MAE of the D_a evaluator on generated molecules against their targets (lower is better).", "",
+             markdown_table(results, budget.name) if results else "(no rows yet)", "",
+             "## Generated rows: MAE ± standard error, RDKit validity", "", details_table(results)]
+    if physics:
+        parts += ["", "## Physics variant: GFN2-xTB targets, MAE by tblite on the generated geometries", "",
+                  physics_table(physics)]
+    (base / "table.md").write_text("\n".join(parts) + "\n")
+    return payload
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    return any((Path(run_dir) / "checkpoints").glob("step_*.pt"))
+
+
+def _config_path(path: str) -> Path:
+    """A preset path as given, or relative to the repository (so the command runs from anywhere in it)."""
+    candidate = Path(path)
+    if candidate.is_file() or candidate.is_absolute():
+        return candidate
+    return REPO_ROOT / path if (REPO_ROOT / path).is_file() else candidate
+
+
+# --------------------------------------------------------------------------------------------- #
+# The command.
+
+
+@app.command("conditional")
+def conditional_cmd(
+    property_: Annotated[str, typer.Option("--property", help="alpha, gap, homo, lumo, mu, Cv or all.")] = "gap",
+    budget: Annotated[str, typer.Option(help="small (≤ 60 min per property on a 2-core CPU) or paper (EDM's "
+                                             "sizes, for a GPU).")] = "small",
+    out: Annotated[Path, typer.Option(help="Where tables, JSON and per-row results go.")] = Path(
+        "runs/benchmarks/conditional"),
+    runs: Annotated[Path, typer.Option(help="Where model runs (regressors, generators) live and are reused.")] = Path(
+        "runs"),
+    xtb: Annotated[bool, typer.Option("--xtb/--no-xtb", help="RGDM with the xTB reward and the physics variant "
+                                                             "(gap and mu).")] = True,
+) -> None:
+    """EDM's Table 3: generate molecules for target property values; MAE of an independent regressor.
+
+    Stages whose outputs exist are skipped: re-run the same command to continue an interrupted run.
+    """
+    import torch
+
+    from rgdm.data.properties import PROPERTIES
+
+    preset = get_budget(budget)
+    props = list(PROPERTIES) if property_ == "all" else [property_]
+    for prop in props:
+        _check_choice("--property", prop, (*PROPERTIES, "all"))
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    command = f"rgdm benchmark conditional --property {property_} --budget {budget}" + ("" if xtb else " --no-xtb")
+    timings: dict[str, dict[str, float]] = {}
+    for prop in props:
+        bench = ConditionalBenchmark(prop, preset, out, runs, with_xtb=xtb)
+        timings[prop] = bench.timings
+        bench.run(on_progress=lambda: write_report(out, preset, props, runs, timings, command))
+    write_report(out, preset, props, runs, timings, command)
+    typer.echo((out / preset.name / "table.md").read_text())
+    typer.echo(f"all numbers in {out / preset.name / 'results.json'}")
