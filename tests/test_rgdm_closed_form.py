@@ -10,7 +10,7 @@ import torch
 from rgdm.config import RGDMConfig, TrainConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
 from rgdm.training.loop import Trainer
-from rgdm.training.rgdm import RGDMObjective, effective_sample_size, temperature_for_ess
+from rgdm.training.rgdm import RGDMObjective, effective_sample_size, explore_sample, temperature_for_ess
 from rgdm.training.tasks import GaussianTask
 
 A = torch.tensor([1.0, -0.6])
@@ -64,3 +64,17 @@ def test_temperature_search_hits_target_ess():
     tau = temperature_for_ess(values, torch.zeros(5, 16), target_ess=8.0)
     ess = effective_sample_size(values / tau.unsqueeze(-1))
     assert torch.allclose(ess, torch.full((5,), 8.0), atol=0.05)
+
+
+def test_exploration_at_sampling_time_tilts_the_reference_model():
+    """No training: K explored candidates per step, one kept by the pay-off weights, move the
+    pre-trained N(0, I) model's samples to the pay-off mean a/tau (the per-step pay-off with the
+    exact Tweedie look-ahead of this model; K = 16 candidates leave a small bias)."""
+    model = standard_gaussian_diffusion(dim=2, timesteps=200)
+    config = RGDMConfig(sampling_steps=50, num_candidates=16, tau=TAU, normalize_rewards=False)
+    samples, _, calls = explore_sample(model, GaussianTask(2, linear_reward), config, 2000,
+                                       torch.Generator().manual_seed(0))
+    target = A / TAU
+    assert (samples.mean(0) - target).norm() < 0.15 * target.norm(), samples.mean(0)
+    assert (torch.cov(samples.T) - torch.eye(2)).abs().max() < 0.15
+    assert calls == 2000 * 16 * 50

@@ -395,6 +395,33 @@ class RGDMObjective:
         self.reference.load_state_dict(state["reference"])
 
 
+@torch.no_grad()
+def explore_sample(model: GaussianDiffusion, task: Task, config: RGDMConfig, n: int,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Conditions, int]:
+    """Exploration at sampling time: ``n`` samples of ``model`` where every reverse step draws K
+    candidates exactly as RGDM's training does (feasible shifts, look-ahead values, exact proposal
+    ratios) and keeps one with probability given by the pay-off weights. No training: the per-step
+    pay-off pi(z_s | z_t) · exp(V(z_s) / tau) of ``model`` itself, approximated by K candidates.
+
+    Returns the samples x_0, their conditions and the number of reward calls (K per sample and step,
+    plus the probes of reward-guided shifts). Use it on a fine-tuned model to steer further at the
+    price of reward calls, or on a pre-trained one as a training-free baseline.
+    """
+    sampler = RGDMObjective(model, task, config)  # its frozen copy of ``model`` is the policy explored
+    cond = task.conditions(n, generator)
+    shard = BatchShard(cond, 0, n)
+    grid = sampler._grid(model)
+    z = shard.noise(model, generator)
+    for t_int, s_int in zip(grid[:-1], grid[1:]):
+        exp = sampler.explore(z, t_int, s_int, shard, generator)
+        weights, _ = sampler._weights(exp.values, exp.valid, exp.log_proposal_ratio, cond.targets)
+        pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        z = exp.candidates[torch.arange(n), pick]
+    x0 = model.project(model.predict_x0(z, torch.zeros(n, dtype=torch.long), cond.node_mask, cond.context),
+                       cond.node_mask)
+    return x0, cond, sampler._local_calls
+
+
 def reward_metrics(final: Scores) -> dict[str, float]:
     """Reward statistics of a batch of final samples, logged by every reward-driven objective."""
     values = final.values
