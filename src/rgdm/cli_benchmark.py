@@ -293,7 +293,7 @@ class ConditionalBenchmark:
         self._timed("reference_rows", time.perf_counter() - started)
 
     def _generated_row(self, row: str, model, guidance=None, extra: dict[str, Any] | None = None) -> None:
-        from rgdm.eval.conditional import generate, mae_summary, predict, shuffled, validity
+        from rgdm.eval.conditional import connected_validity, generate, mae_summary, predict, shuffled, validity
 
         started = time.perf_counter()
         b = self.budget
@@ -303,6 +303,7 @@ class ConditionalBenchmark:
         sampling_seconds = time.perf_counter() - started
         predictions = predict(self.evaluator(), batches)
         entry = {**mae_summary(predictions, targets.values), "validity": validity(batches),
+                 "connected_validity": connected_validity(batches),
                  "naive_on_generated": mae_summary(predictions, shuffled(targets.values, 13))["mae"],
                  "reward_model_mae": mae_summary(predict(self.reward_regressor(), batches), targets.values)["mae"],
                  "sampling_seconds": round(sampling_seconds, 1), "sampling_steps": b.sampling_steps or model.timesteps,
@@ -419,11 +420,12 @@ class ConditionalBenchmark:
         if self.with_xtb:
             steps += [self.physics_targets, self.stage_physics_reference_rows,
                       lambda: self.stage_physics_row("conditional_edm", self.conditional_dir)]
+        if self.with_xtb:  # the black-box reward first: it is what the physics variant is about
+            steps += [lambda: self.stage_rgdm("xtb"), lambda: self.stage_rgdm_row("xtb"),
+                      lambda: self.stage_physics_row("rgdm_xtb", self.rgdm_dir("xtb"))]
         steps += [lambda: self.stage_rgdm("regressor"), lambda: self.stage_rgdm_row("regressor")]
         if self.with_xtb:
-            steps += [lambda: self.stage_rgdm("xtb"), lambda: self.stage_rgdm_row("xtb"),
-                      lambda: self.stage_physics_row("rgdm_xtb", self.rgdm_dir("xtb")),
-                      lambda: self.stage_physics_row("rgdm_regressor", self.rgdm_dir("regressor"))]
+            steps += [lambda: self.stage_physics_row("rgdm_regressor", self.rgdm_dir("regressor"))]
         for step in steps:
             step()
             if on_progress is not None:
