@@ -57,7 +57,7 @@ class ConditionalBudget:
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
     regressor_config: str = "configs/regressor_cpu.yaml"  # evaluator (D_a) and reward model (D_b); "" = EDM's
     regressor_overrides: dict[str, Any] = field(default_factory=dict)
-    guidance_scales: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    guidance_scales: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
     guidance_select_samples: int = 64  # molecules per trial scale (judged by the D_b regressor)
     rgdm_variant: str = "sequence"
     rgdm_steps: int = 400  # fine-tuning iterations (the wall-time cap usually stops it first)
