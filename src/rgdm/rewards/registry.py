@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from rgdm.rewards.scoring import Scorer
 
-_BUILTIN_MODULES = ("rgdm.rewards.chemistry", "rgdm.rewards.xtb", "rgdm.rewards.learned", "rgdm.rewards.shapes")
+_BUILTIN_MODULES = ("rgdm.rewards.chemistry", "rgdm.rewards.xtb", "rgdm.rewards.physics", "rgdm.rewards.learned",
+                    "rgdm.rewards.shapes")
 
 
 @dataclass(frozen=True)
