@@ -198,7 +198,7 @@ def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelt
 def finetune(
     base: Annotated[str, typer.Option("--from", help="Pre-trained run directory, checkpoint or shipped model.")],
     method: Annotated[str, typer.Option(
-        help="rgdm, or the baselines ddpo and rwr (shape models: rgdm or ddpo).")] = "rgdm",
+        help="rgdm, or the baselines ddpo, ppo (PPO-clip as in RLPF) and rwr (shape models: rgdm or ddpo).")] = "rgdm",
     reward: Annotated[str | None, typer.Option(
         help="Reward name (see `rgdm rewards`; shape models: shape_class (default), symmetry, aspect_ratio).")] = None,
     target: Annotated[str | None, typer.Option(

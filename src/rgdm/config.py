@@ -194,6 +194,7 @@ class DDPOConfig:
     adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
     timestep_fraction: float = 1.0  # fraction of each trajectory's steps in the loss (random subset)
     normalize_advantages: bool = True  # divide by the tracker's std (False: only subtract its mean)
+    advantage_baseline: str = "tracker"  # "tracker" (DDPO's per-target buffer) or "batch" (PPO: this batch's stats)
     tracker_buffer: int = 16  # rewards remembered per target
     tracker_min_count: int = 16  # below this many, a target is normalised with the batch's statistics
     kl_coef: float = 0.0  # DPOK's per-step KL penalty to the frozen reference (0 disables it)
@@ -206,6 +207,7 @@ class DDPOConfig:
 
     def validate(self) -> None:
         _check_choice("ddpo.variant", self.variant, DDPO_VARIANTS)
+        _check_choice("ddpo.advantage_baseline", self.advantage_baseline, ("tracker", "batch"))
         for key in ("batch_size", "inner_epochs", "minibatches", "tracker_buffer", "tracker_min_count",
                     "mle_batch_size"):
             _check_range(f"ddpo.{key}", getattr(self, key), low=1)
@@ -254,7 +256,13 @@ class RWRConfig:
 
 
 
-FINETUNE_METHODS = ("rgdm", "ddpo", "rwr")
+FINETUNE_METHODS = ("rgdm", "ddpo", "ppo", "rwr")
+
+
+def ppo_clip_defaults() -> DDPOConfig:
+    """PPO-clip as RLPF (arXiv 2508.16521) fine-tunes EDM: DDPO_IS with several epochs per batch and
+    advantages normalised within each batch."""
+    return DDPOConfig(variant="is", batch_size=32, inner_epochs=4, minibatches=2, advantage_baseline="batch")
 
 
 @dataclass
@@ -263,12 +271,13 @@ class FinetuneConfig:
 
     name: str = "finetune"  # run directory name under runs/
     base: str = ""  # run directory, checkpoint or shipped model name of the pre-trained model
-    method: str = "rgdm"  # fine-tuning method: rgdm, or the baselines ddpo and rwr (their sections below)
+    method: str = "rgdm"  # fine-tuning method: rgdm, or the baselines ddpo, ppo and rwr (their sections below)
     reward: dict[str, Any] = field(default_factory=lambda: {"name": "qed", "backend": "inline"})  # make_reward config
     target: float | None = None  # reward target (raw property units); None = maximise the reward
     target_from_data: str = ""  # QM9 property whose data values serve as per-sample targets
     rgdm: RGDMConfig = field(default_factory=RGDMConfig)  # see the rgdm section
     ddpo: DDPOConfig = field(default_factory=DDPOConfig)  # used when method is ddpo
+    ppo: DDPOConfig = field(default_factory=ppo_clip_defaults)  # used when method is ppo (RLPF's PPO-clip)
     rwr: RWRConfig = field(default_factory=RWRConfig)  # used when method is rwr
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=50, lr=1e-4, ema_decay=0.0, log_every=1, val_every=10, checkpoint_every=10, grad_clip=1.0))

@@ -13,6 +13,10 @@ values, else the current batch), clipped to [-adv_clip, adv_clip]. As in DDPO, l
 per dimension (divided by the state's dof; DDPO averages over pixels), which is the scale the clip
 range 1e-4 refers to, and the loss averages over a random subset of the steps of each trajectory.
 
+PPO-clip (``method: ppo``; the baseline RLPF, arXiv 2508.16521, fine-tunes EDM with) is DDPO_IS with
+several inner epochs over each batch and advantages normalised within the batch
+(``advantage_baseline = "batch"``) instead of by the running tracker; KL is optional as below.
+
 KL option (DPOK, Fan et al. 2023): maximise E[r] - kl_coef · E[Σ_t KL_t] with
 KL_t = KL(pi_theta(. | z_t) || pi_ref(. | z_t)) = ||mu_theta - mu_ref||^2 / (2 std^2) (both policies
 share the step std). Its gradient has two parts and we use both: the score-function part sees the
@@ -76,6 +80,20 @@ def tracked_advantages(tracker: RewardNormalizer, rewards: Tensor, targets: Tens
     return advantages
 
 
+def batch_advantages(rewards: Tensor, targets: Tensor | None, normalize: bool = True) -> Tensor:
+    """PPO's advantages: (r - mean) / std over this batch's samples of the same target (RLPF)."""
+    keys = torch.zeros(len(rewards)) if targets is None else targets
+    advantages = torch.zeros_like(rewards)
+    for key in keys.unique():
+        group = keys == key
+        values = rewards[group]
+        centred = values - values.mean()
+        if normalize and len(values) > 1:
+            centred = centred / (values.std() + 1e-6)
+        advantages[group] = centred
+    return advantages
+
+
 # ------------------------------------------------------------------------------------------------- #
 # The objective.
 
@@ -125,12 +143,13 @@ class DDPOObjective:
     rank's loss is the sum over its (trajectory, step) terms divided by the global count.
     """
 
-    def __init__(self, model: GaussianDiffusion, task: Task, config: DDPOConfig, seed: int = 0):
+    def __init__(self, model: GaussianDiffusion, task: Task, config: DDPOConfig, seed: int = 0,
+                 name: str | None = None):
         config.validate()
         self.config = config
         self.task = task
         self.seed = seed
-        self.name = f"ddpo-{config.variant}" + ("-kl" if config.kl_coef > 0 else "")
+        self.name = name or f"ddpo-{config.variant}" + ("-kl" if config.kl_coef > 0 else "")
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
         self.tracker = RewardNormalizer(config.tracker_buffer, config.tracker_min_count)
         self.reward_calls = 0
@@ -169,8 +188,11 @@ class DDPOObjective:
             kl = shard.gather(traj.kl.sum(0))
             rewards = rewards - cfg.kl_coef * kl
             metrics["kl_to_reference"] = kl.mean().item()
-        advantages = tracked_advantages(self.tracker, rewards, shard.global_conditions.targets,
-                                        cfg.normalize_advantages)
+        if cfg.advantage_baseline == "batch":
+            advantages = batch_advantages(rewards, shard.global_conditions.targets, cfg.normalize_advantages)
+        else:
+            advantages = tracked_advantages(self.tracker, rewards, shard.global_conditions.targets,
+                                            cfg.normalize_advantages)
         advantages = advantages.clamp(-cfg.adv_clip, cfg.adv_clip)
         metrics["advantage_abs_mean"] = advantages.abs().mean().item()
         return ReplayBatch(traj, shard.local(advantages), step, metrics, shard.start, shard.global_size)

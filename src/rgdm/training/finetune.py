@@ -38,10 +38,11 @@ def build_task(config: FinetuneConfig, model, base_config, reward) -> MoleculeTa
 
 def build_objective(config: FinetuneConfig, model, task: MoleculeTask):
     """The objective of ``config.method`` on the shared training loop."""
-    if config.method == "ddpo":
+    if config.method in ("ddpo", "ppo"):
         from rgdm.training.ddpo import DDPOObjective
 
-        return DDPOObjective(model, task, config.ddpo, seed=config.train.seed)
+        name = "ppo-clip" if config.method == "ppo" else None
+        return DDPOObjective(model, task, config.method_config, seed=config.train.seed, name=name)
     if config.method == "rwr":
         from rgdm.training.rwr import RWRObjective
 
