@@ -233,8 +233,7 @@ def finetune(
     values = to_dict(load_config(config, FinetuneConfig, {"base": base})) if config else to_dict(FinetuneConfig())
     values["base"], values["method"] = base, method
     if reward:
-        values["reward"] = {"name": reward, "backend": "process" if reward.startswith("xtb") else "inline",
-                            **_heavy_atom_options(base, reward)}
+        values["reward"] = {"name": reward, "backend": _reward_backend(reward), **_heavy_atom_options(base, reward)}
     if number is not None:
         values["reward"].update({"target": number, "scale": 1.0 if scale is None else scale})
         values["target"] = number
@@ -258,6 +257,16 @@ def _property_target(base: str, target: str | None) -> float | None:
         resolve_checkpoint(base)  # a base that does not exist is the real problem: report that first
         raise ConfigError(f"--target {target!r}: a molecule model needs a number (a property value, e.g. "
                           f"--target 4.5); class names are targets of shape models") from None
+
+
+def _reward_backend(reward: str) -> str:
+    """Worker processes for the rewards that must not run beside torch (xTB), the training process otherwise."""
+    from rgdm.rewards.registry import reward_spec
+
+    try:
+        return "process" if reward_spec(reward).worker_only else "inline"
+    except KeyError:  # an unknown name: make_reward reports it, with a suggestion
+        return "inline"
 
 
 # Rewards that perceive bonds with RDKit's DetermineBonds (which needs explicit hydrogens) or run xTB.
