@@ -1,13 +1,17 @@
 """The ``rgdm`` command line: thin wrappers around library functions.
 
-Every command reports user errors (bad config, missing file, incompatible checkpoint) as one line
-on stderr with exit code 2, never as a traceback.
+Every command reports user errors (bad config, missing file, incompatible checkpoint, bad option)
+as one line on stderr with exit code 2, never as a traceback. Ctrl-C exits with 130 and says how to
+resume the run; an unexpected failure is one line and exit code 1 (``RGDM_DEBUG=1`` shows the
+traceback). Output files are never overwritten without ``--overwrite``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,10 +19,11 @@ from typing import Annotated
 import typer
 import yaml
 
+from rgdm import cli_runs
+from rgdm.cli_runs import RUNS_DIR, claimed_run, run_name
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rgdm: equivariant diffusion models of molecules, steered by black-box rewards.")
-
-RUNS_DIR = Path("runs")
 
 
 def _add_shapes_commands() -> None:
@@ -36,14 +41,20 @@ SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config value, e.g. --set train.steps=100 (repeatable).")]
 
 
+OverwriteOption = Annotated[bool, typer.Option(help="Replace output files that already exist.")]
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rgdm.config import ConfigError
     from rgdm.data.dataset import DataError
     from rgdm.rewards import RewardConfigError
+    from rgdm.rewards.scoring import RewardSetupError
+    from rgdm.runs import RunLockedError
     from rgdm.training.checkpoint import CheckpointError
     from rgdm.training.pretrain import RunExistsError
 
-    return ConfigError, DataError, CheckpointError, RunExistsError, RewardConfigError, FileNotFoundError
+    return (ConfigError, DataError, CheckpointError, RunExistsError, RunLockedError, RewardConfigError,
+            RewardSetupError)
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, object]:
@@ -61,10 +72,11 @@ def _overrides(pairs: list[str] | None) -> dict[str, object]:
 @app.command()
 def pretrain(
     config: Annotated[Path, typer.Option(help="YAML config (see configs/).")],
-    name: Annotated[str | None, typer.Option(help="Run name (default: the config's name).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Run name (default: the config's name, with -2, -3, ... when that run exists).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint bit-for-bit.")] = False,
     set_: SetOption = None,
-    sample: Annotated[int, typer.Option(help="Molecules to sample and evaluate at the end (0 = none).")] = 0,
+    sample: Annotated[int, typer.Option(min=0, help="Molecules to sample and evaluate at the end (0 = none).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (bfloat16 autocast on CUDA).")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="Compile the network with torch.compile.")] = False,
 ) -> None:
@@ -84,44 +96,68 @@ def pretrain(
     from rgdm.training.pretrain import pretrain as run_pretrain
 
     overrides = _overrides(set_)
-    if name:
-        overrides["name"] = name
+    if name is not None:
+        overrides["name"] = _checked_name(name)
     cfg = load_config(config, overrides=overrides)
-    run_dir = RUNS_DIR / cfg.name
-    try:
-        trainer = run_pretrain(cfg, run_dir, resume=resume, device=device, compile_model=compile_)
-        main = distributed.is_main()
-    finally:
-        distributed.shutdown()
-    if not main:
-        return
-    typer.echo(f"checkpoints in {run_dir / 'checkpoints'}")
-    if sample:
-        metrics = sample_and_evaluate(trainer.sampling_model, sample, run_dir / "samples", seed=cfg.train.seed)
-        typer.echo(json.dumps(metrics, indent=2))
+    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
+    with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
+        try:
+            trainer = run_pretrain(cfg, run_dir, resume=resume, device=device, compile_model=compile_)
+            main = distributed.is_main()
+        finally:
+            distributed.shutdown()
+        if not main:
+            return
+        typer.echo(f"checkpoints in {run_dir / 'checkpoints'}")
+        if sample:
+            metrics = sample_and_evaluate(trainer.sampling_model, sample, run_dir / "samples", seed=cfg.train.seed)
+            typer.echo(json.dumps(metrics, indent=2))
+
+
+def _checked_name(name: str) -> str:
+    from rgdm.config import check_run_name
+
+    return check_run_name(name, "--name")
 
 
 @app.command("sample")
 def sample_cmd(
     model: Annotated[str, typer.Argument(help="Run directory, checkpoint file, or shipped model name.")],
-    n: Annotated[int, typer.Option(help="Number of molecules.")] = 100,
-    out: Annotated[Path | None, typer.Option(help="Output .xyz (default: <run>/samples/samples.xyz).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (fewer than T: DDIM).")] = None,
+    n: Annotated[int, typer.Option(min=1, help="Number of molecules.")] = 100,
+    out: Annotated[Path | None, typer.Option(
+        help="Output .xyz; the .sdf goes next to it (default: <run>/samples/samples.xyz; shipped models: "
+             "runs/pretrained-<name>/samples/samples.xyz).")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (fewer than T: DDIM).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    batch_size: Annotated[int, typer.Option()] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 100,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Sample molecules and write them as .xyz and .sdf (EDM-perceived bonds)."""
+    from rgdm.config import ConfigError
     from rgdm.data.readers import write_xyz
     from rgdm.eval.sampling import molecule_list, sample_in_chunks
     from rgdm.runs import load_model
 
+    if out is not None and out.suffix.lower() != ".xyz":
+        raise ConfigError(f"--out {out}: give a .xyz path (the .sdf is written next to it)")
     loaded = load_model(model)
-    out = out or _default_dir(model, loaded) / "samples.xyz"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = out or _default_dir(model) / "samples" / "samples.xyz"
+    sdf = out.with_suffix(".sdf")
+    _refuse_to_overwrite([out, sdf], overwrite)
     molecules = molecule_list(sample_in_chunks(loaded.model, n, batch_size, steps, seed))
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_xyz(out, molecules)
-    _write_sdf(out.with_suffix(".sdf"), molecules)
-    typer.echo(f"wrote {len(molecules)} molecules to {out} and {out.with_suffix('.sdf')}")
+    _write_sdf(sdf, molecules)
+    typer.echo(f"wrote {len(molecules)} molecules to {out} and {sdf}")
+
+
+def _refuse_to_overwrite(paths: list[Path], overwrite: bool) -> None:
+    """A one-line error naming the first of ``paths`` that exists, unless ``--overwrite`` was given."""
+    from rgdm.config import ConfigError
+
+    existing = [path for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another --out")
 
 
 @app.command()
@@ -129,8 +165,10 @@ def evaluate(
     model: Annotated[list[str], typer.Argument(
         help="Run directory, checkpoint, shipped model name, or an .xyz/.sdf file; several shape models "
              "are compared in one report.")],
-    n: Annotated[int | None, typer.Option(help="Samples per model (default: 1000 molecules, 40 shapes).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (fewer than T: DDIM); molecule models.")] = None,
+    n: Annotated[int | None, typer.Option(
+        min=1, help="Samples per model (default: 1000 molecules, 40 shapes).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        min=1, help="Sampling steps (fewer than T: DDIM); molecule models.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     novelty: Annotated[bool, typer.Option(help="Compare against QM9 training SMILES (molecules).")] = True,
     classifier: Annotated[str | None, typer.Option(
@@ -138,7 +176,9 @@ def evaluate(
     target: Annotated[str | None, typer.Option(
         help="Shape models: target class (default: the class the model was fine-tuned toward).")] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Metrics JSON path (shape models: report directory, default <run>/eval).")] = None,
+        help="Metrics JSON path (default: <file>_metrics.json, or <run>/samples/eval_n<N>_metrics.json; "
+             "shape models: report directory, default <run>/eval).")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """EDM's metrics (atom/molecule stability, validity, uniqueness, novelty) of samples or files.
 
@@ -158,40 +198,70 @@ def evaluate(
             raise ConfigError(f"{other}: not a shape model; evaluate shape and molecule models separately")
         if steps is not None:
             raise ConfigError("--steps: shape models sample with their config's diffusion.sampling_steps")
-        run_shapes_evaluate(model, classifier, target, n, out, seed)
+        run_shapes_evaluate(model, classifier, target, n, out, seed, overwrite=overwrite)
         return
     if len(model) > 1:
         raise ConfigError("evaluate: give one molecule model or file (several models are compared only for shapes)")
     for option, value in (("--classifier", classifier), ("--target", target)):
         if value is not None:
             raise ConfigError(f"{option}: only for shape models; {model[0]} is not one")
-    _evaluate_molecules(model[0], 1000 if n is None else n, steps, seed, novelty, out)
+    _evaluate_molecules(model[0], 1000 if n is None else n, steps, seed, novelty, out, overwrite)
 
 
-def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelty: bool, out: Path | None) -> None:
+def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelty: bool, out: Path | None,
+                        overwrite: bool) -> None:
+    from rgdm.config import ConfigError
     from rgdm.eval.molecules import evaluate_molecules
     from rgdm.eval.sampling import qm9_training_smiles, sample_and_evaluate
 
-    training = qm9_training_smiles() if novelty else None
+    if out is not None and out.suffix.lower() != ".json":
+        raise ConfigError(f"--out {out}: give a .json path for the metrics")
     path = Path(model)
     if path.is_file() and path.suffix.lower() in (".xyz", ".sdf"):
         from rgdm.data.readers import read_sdf, read_xyz
 
-        molecules = read_xyz(path) if path.suffix.lower() == ".xyz" else read_sdf(path)
-        metrics = evaluate_molecules(molecules, training)
         out = out or path.with_name(path.stem + "_metrics.json")
+        _refuse_to_overwrite([out], overwrite)
+        molecules = read_xyz(path) if path.suffix.lower() == ".xyz" else read_sdf(path)
+        _check_elements(path, molecules)
+        metrics = evaluate_molecules(molecules, qm9_training_smiles() if novelty else None)
     else:
         from rgdm.runs import load_model
 
         loaded = load_model(model)
-        out_dir = _default_dir(model, loaded) / "samples"
-        metrics = sample_and_evaluate(loaded.model, n, out_dir, tag=f"eval_n{n}", num_steps=steps, seed=seed,
-                                      training_smiles=training)
+        out_dir = _default_dir(model) / "samples"
         out = out or out_dir / f"eval_n{n}_metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
+        # sample_and_evaluate also writes the samples and its own copy of the metrics there
+        _refuse_to_overwrite([out, out_dir / f"eval_n{n}.xyz", out_dir / f"eval_n{n}_metrics.json"], overwrite)
+        metrics = sample_and_evaluate(loaded.model, n, out_dir, tag=f"eval_n{n}", num_steps=steps, seed=seed,
+                                      training_smiles=qm9_training_smiles() if novelty else None)
+    write_text_atomically(out, json.dumps(metrics, indent=2))
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"metrics written to {out}")
+
+
+def _check_elements(path: Path, molecules) -> None:
+    """A one-line DataError for the first atom that is not a chemical element (e.g. ``Xx``)."""
+    from rgdm.data.batch import ATOMIC_NUMBERS
+    from rgdm.data.dataset import DataError
+
+    for index, (symbols, _) in enumerate(molecules):
+        unknown = next((s for s in symbols if s not in ATOMIC_NUMBERS), None)
+        if unknown is not None:
+            raise DataError(f"{path}: molecule {index + 1}: element {unknown!r} is unknown to EDM's bond rules "
+                            f"({', '.join(ATOMIC_NUMBERS)})")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename: a full disk never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @app.command()
@@ -208,10 +278,15 @@ def finetune(
     classifier: Annotated[str | None, typer.Option(
         help="Shape models: classifier run of the shape_class reward (default: runs/shape-classifier).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML fine-tuning config (overrides the defaults).")] = None,
-    name: Annotated[str | None, typer.Option(help="Run name (default: <base>-<method>-<reward>).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Run name (default: <base>-<method>-<reward>, with -2, -3, ... when that run exists).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint bit-for-bit.")] = False,
     compare: Annotated[int | None, typer.Option(
-        help="Samples before/after for report.md (default: 200 molecules, 40 shapes; 0 = none).")] = None,
+        min=0, help="Samples before/after for report.md, drawn with the same sampler for every method "
+                    "(default: 200 molecules, 40 shapes; 0 = none).")] = None,
+    device: Annotated[str, typer.Option(
+        help="auto, cpu or cuda. Fine-tuning runs on the CPU in this release: auto means cpu, and cuda "
+             "is refused with a message.")] = "auto",
     set_: SetOption = None,
 ) -> None:
     """Steer a pre-trained model toward a reward during training (RGDM, or the DDPO / RWR baselines).
@@ -222,6 +297,9 @@ def finetune(
     from rgdm.cli_shapes import run_finetune as run_shapes_finetune
     from rgdm.config import ConfigError, FinetuneConfig, from_dict, load_config, set_dotted, to_dict
 
+    _finetune_device(device)
+    if name is not None:
+        _checked_name(name)
     if is_shape_model(base):  # a point-cloud model: --target is a class name
         if scale is not None:
             raise ConfigError("--scale: only for molecule property targets; a shape model's --target is a class")
@@ -241,7 +319,24 @@ def finetune(
         set_dotted(values, key, value)
     values["name"] = name or f"{Path(base).name}-{method}-{values['reward']['name']}"
     cfg = from_dict(FinetuneConfig, values).validate()
-    _run_finetune(cfg, resume, 200 if compare is None else compare, " ".join(["rgdm", *sys.argv[1:]]))
+    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
+    _run_finetune(cfg, resume, 200 if compare is None else compare, explicit_name=name is not None)
+
+
+def _finetune_device(device: str) -> str:
+    """Fine-tuning's device: the CPU. ``cuda`` is refused in one line rather than half-supported.
+
+    The roll-outs of every method draw their noise from CPU random generators (that is what makes
+    runs reproducible and resumable bit-for-bit); CUDA fine-tuning needs those moved with the model.
+    """
+    from rgdm import distributed
+    from rgdm.config import ConfigError
+
+    distributed.resolve_device(device)  # unknown names, and cuda without a GPU, fail here
+    if device == "cuda":
+        raise ConfigError("--device cuda: fine-tuning runs on the CPU in this release (use --device cpu or auto; "
+                          "pre-training supports cuda)")
+    return "cpu"
 
 
 def _property_target(base: str, target: str | None) -> float | None:
@@ -291,23 +386,24 @@ def _heavy_atom_options(base: str, reward: str) -> dict[str, object]:
     return options
 
 
-def _run_finetune(cfg, resume: bool, compare: int, command: str) -> None:
+def _run_finetune(cfg, resume: bool, compare: int, explicit_name: bool) -> None:
     from rgdm import distributed
     from rgdm.eval.compare import markdown_table
     from rgdm.training.finetune import finetune_and_report
 
-    run_dir = RUNS_DIR / cfg.name
-    try:
-        summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command)
-        main = distributed.is_main()
-    finally:
-        distributed.shutdown()
-    if not main:  # under torchrun, rank 0 reports
-        return
-    typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
-    if summaries:
-        typer.echo(markdown_table(summaries))
-        typer.echo(f"report: {run_dir / 'report.md'}")
+    with claimed_run(cfg.name, explicit=explicit_name, resume=resume) as run_dir:
+        command = cli_runs.resume_command.removesuffix(" --resume") if cli_runs.resume_command else ""
+        try:
+            summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command)
+            main = distributed.is_main()
+        finally:
+            distributed.shutdown()
+        if not main:  # under torchrun, rank 0 reports
+            return
+        typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
+        if summaries:
+            typer.echo(markdown_table(summaries))
+            typer.echo(f"report: {run_dir / 'report.md'}")
 
 
 @app.command("train-regressor")
@@ -317,7 +413,8 @@ def train_regressor_cmd(
     remove_h: Annotated[bool | None, typer.Option("--remove-h/--keep-h",
                                                   help="Heavy atoms only (default: keep hydrogens).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config, e.g. configs/regressor_cpu.yaml.")] = None,
-    name: Annotated[str | None, typer.Option(help="Run name (default: regressor-<property>-<split>[-noH]).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Run name (default: regressor-<property>-<split>[-noH], with -2, -3, ... when that run exists).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint.")] = False,
     set_: SetOption = None,
 ) -> None:
@@ -330,19 +427,22 @@ def train_regressor_cmd(
         if value is not None:
             values["data"][key] = value
     data = values["data"]
-    values["name"] = name or default_run_name(data["property"], data["split"], data["remove_h"])
+    values["name"] = _checked_name(name) if name is not None else default_run_name(
+        data["property"], data["split"], data["remove_h"])
     for key, value in _overrides(set_).items():
         set_dotted(values, key, value)
     cfg = from_dict(RegressorConfig, values).validate()
-    run_dir = RUNS_DIR / cfg.name
-    result = train_regressor(cfg, run_dir, resume=resume)
+    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
+    with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
+        result = train_regressor(cfg, run_dir, resume=resume)
     typer.echo(json.dumps(result.test_metrics, indent=2))
     typer.echo(f"checkpoints in {run_dir / 'checkpoints'}; test metrics in {run_dir / 'test_metrics.json'}")
 
 
 @app.command()
 def demo(
-    name: Annotated[str, typer.Option(help="Run name under runs/.")] = "demo",
+    name: Annotated[str | None, typer.Option(
+        help="Run name under runs/ (default: demo, with -2, -3, ... when that run exists).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted demo.")] = False,
     set_: SetOption = None,
 ) -> None:
@@ -350,23 +450,44 @@ def demo(
     from rgdm.config import FinetuneConfig, from_dict, set_dotted, to_dict
     from rgdm.demo import demo_config
 
-    values = to_dict(demo_config(name))
+    values = to_dict(demo_config(_checked_name(name) if name is not None else "demo"))
     for key, value in _overrides(set_).items():
         set_dotted(values, key, value)
     cfg = from_dict(FinetuneConfig, values).validate()
-    _run_finetune(cfg, resume, 200, "rgdm demo")
+    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
+    _run_finetune(cfg, resume, 200, explicit_name=name is not None)
 
 
 @app.command()
 def rewards() -> None:
-    """List the rewards available by name."""
+    """List the rewards available by name: what each scores, its units, and the options it needs."""
+    for line in reward_lines():
+        typer.echo(line)
+
+
+def reward_lines() -> list[str]:
+    """One line per registered reward: ``name  description [units] (required: ...)``."""
+    import inspect
+
     from rgdm.rewards import available_rewards
+    from rgdm.rewards.registry import reward_spec
 
-    for name in available_rewards():
-        typer.echo(name)
+    lines = []
+    names = available_rewards()
+    width = max(map(len, names), default=0)
+    for name in names:
+        spec = reward_spec(name)
+        summary = (spec.description.splitlines() or ["(no description)"])[0].rstrip(".").replace("``", "")
+        units = f" [{spec.units}]" if spec.units else ""
+        required = [p.name for p in inspect.signature(spec.factory).parameters.values()
+                    if p.default is inspect.Parameter.empty
+                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        needs = f" (required: {', '.join(required)})" if required else ""
+        lines.append(f"{name:<{width}}  {summary}{units}{needs}")
+    return lines
 
 
-def _default_dir(model: str, loaded) -> Path:
+def _default_dir(model: str) -> Path:
     path = Path(model)
     if path.is_dir():
         return path
@@ -390,25 +511,73 @@ def _write_sdf(path: Path, molecules) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted)."""
+    from typer._click.exceptions import NoArgsIsHelpError  # typer vendors click as typer._click
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if argv is None else list(argv)
+    cli_runs.invocation, cli_runs.resume_command = args, None
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
+    except NoArgsIsHelpError as err:  # `rgdm` alone, or a group without a command: show the help
+        err.show()
+        return err.exit_code
+    except typer.TyperException as err:  # usage errors: unknown option, bad value, missing argument
+        _error(_usage_message(err))
+        return 2
     except _user_errors() as err:
-        typer.echo(f"error: {err}", err=True)
+        _error(str(err))
+        return 2
+    except OSError as err:  # a full disk, a read-only directory, a missing file
+        _error(_os_error_message(err))
         return 2
     except typer.Exit as exit_:
         return exit_.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        return 130
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
+        return _interrupted()
+    except FloatingPointError as err:  # training diverged (the loop's non-finite loss check)
+        _error(str(err))
+        return 1
+    except Exception as err:
+        if os.environ.get("RGDM_DEBUG"):
+            raise
+        _error(f"unexpected {type(err).__name__}: {_first_line(err)} (RGDM_DEBUG=1 shows the traceback)")
+        return 1
+    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
+        return _interrupted()
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            return err.exit_code
-        raise
-    return 0
+
+def _error(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _usage_message(err: typer.TyperException) -> str:
+    """Click's usage error as one line, pointing at the command's --help."""
+    lines = err.format_message().strip().splitlines()
+    message = lines[0] if lines else type(err).__name__
+    context = getattr(err, "ctx", None)
+    where = f" (see: {context.command_path} --help)" if context is not None else ""
+    return f"{message}{where}"
+
+
+def _os_error_message(err: OSError) -> str:
+    reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return f"{err.filename}: {reason}" if err.filename else reason
+
+
+def _interrupted() -> int:
+    """Ctrl-C: the last checkpoint is intact (writes are atomic); say how to continue."""
+    if cli_runs.resume_command:
+        typer.echo(f"interrupted; resume with: {cli_runs.resume_command}", err=True)
+    else:
+        typer.echo("interrupted", err=True)
+    return 130
 
 
 if __name__ == "__main__":

@@ -131,15 +131,17 @@ def _label(source: str | Path) -> str:
 
 def run_pretrain(config: Path, name: str | None, resume: bool, set_: list[str] | None) -> Path:
     """Pre-train a shape model from a ``domain: shapes`` YAML file; returns the run directory."""
-    from rgdm.config import load_config
+    from rgdm.cli_runs import claimed_run, run_name
+    from rgdm.config import check_run_name, load_config
     from rgdm.training.shapes import ShapeRunConfig, pretrain_shapes
 
     overrides = _overrides(set_)
-    if name:
-        overrides["name"] = name
+    if name is not None:
+        overrides["name"] = check_run_name(name, "--name")
     cfg = load_config(config, ShapeRunConfig, overrides)
-    run_dir = RUNS_DIR / cfg.name
-    trainer = pretrain_shapes(cfg, run_dir, resume=resume)
+    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
+    with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
+        trainer = pretrain_shapes(cfg, run_dir, resume=resume)
     typer.echo(f"checkpoints in {run_dir / 'checkpoints'} ({trainer.step} steps)")
     return run_dir
 
@@ -155,7 +157,8 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
     compare: clouds sampled before and after for ``report.md`` (needs a classifier and a target).
     """
     from rgdm import distributed
-    from rgdm.config import ConfigError, from_dict, load_config, set_dotted, to_dict
+    from rgdm.cli_runs import claimed_run, run_name
+    from rgdm.config import ConfigError, check_run_name, from_dict, load_config, set_dotted, to_dict
     from rgdm.training.shapes import ShapeFinetuneConfig, finetune_shapes
 
     classes = _model_classes(base)
@@ -177,34 +180,36 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
         values["target_class"] = target
     for key, value in _overrides(set_).items():
         set_dotted(values, key, value)
-    values["name"] = name or f"{Path(base).name}-{method}-{spec.get('name')}"
+    default_name = f"{Path(base).name}-{method}-{spec.get('name')}"
+    values["name"] = check_run_name(name, "--name") if name is not None else default_name
     cfg = from_dict(ShapeFinetuneConfig, values).validate()
     if cfg.target_class:  # e.g. from the config file or --set: the same check as --target
         check_target_class(cfg.target_class, classes, "target_class")
-    run_dir = RUNS_DIR / cfg.name
-    try:
-        finetune_shapes(cfg, run_dir, resume=resume)
-    except ValueError as err:  # e.g. a class the classifier does not know: one line, not a traceback
-        raise ConfigError(str(err)) from None
-    finally:
-        main = distributed.is_main()
-        distributed.shutdown()
-    if not main:  # under torchrun, rank 0 reports
-        return run_dir
-    typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
-    compare = DEFAULT_COMPARE if compare is None else compare
-    report_target = cfg.target_class or cfg.reward.get("target_class")
-    report_classifier = classifier or cfg.reward.get("model") or DEFAULT_CLASSIFIER
-    if compare and report_target and Path(report_classifier).exists():
-        _report(run_dir, {"before": base, "after": str(run_dir)}, str(report_classifier), str(report_target),
-                compare)
-    elif compare:
-        typer.echo("no before/after report: it needs --target and a classifier (--classifier)")
+    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
+    with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
+        try:
+            finetune_shapes(cfg, run_dir, resume=resume)
+        except ValueError as err:  # e.g. a class the classifier does not know: one line, not a traceback
+            raise ConfigError(str(err)) from None
+        finally:
+            main = distributed.is_main()
+            distributed.shutdown()
+        if not main:  # under torchrun, rank 0 reports
+            return run_dir
+        typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
+        compare = DEFAULT_COMPARE if compare is None else compare
+        report_target = cfg.target_class or cfg.reward.get("target_class")
+        report_classifier = classifier or cfg.reward.get("model") or DEFAULT_CLASSIFIER
+        if compare and report_target and Path(report_classifier).exists():
+            _report(run_dir, {"before": base, "after": str(run_dir)}, str(report_classifier), str(report_target),
+                    compare)
+        elif compare:
+            typer.echo("no before/after report: it needs --target and a classifier (--classifier)")
     return run_dir
 
 
 def run_evaluate(models: list[str], classifier: str | None = None, target: str | None = None,
-                 n: int | None = None, out: Path | None = None, seed: int = 0) -> Path:
+                 n: int | None = None, out: Path | None = None, seed: int = 0, overwrite: bool = True) -> Path:
     """Sample each shape model and compare them on ``target``; returns the report directory.
 
     Defaults come from the first model's run: the class it was fine-tuned toward and the classifier
@@ -222,6 +227,9 @@ def run_evaluate(models: list[str], classifier: str | None = None, target: str |
     check_target_class(str(target), classes)
     classifier = _existing_classifier(classifier or reward.get("model") or DEFAULT_CLASSIFIER)
     out = out or _run_dir_of(models[0]) / "eval"
+    if not overwrite and (out / "metrics.json").exists():
+        raise ConfigError(f"{out / 'metrics.json'} exists; pass --overwrite to replace the report, "
+                          "or choose another --out")
     _report(out, {_label(m): m for m in models}, classifier, str(target), DEFAULT_COMPARE if n is None else n, seed)
     return out
 
@@ -261,17 +269,19 @@ def train_classifier_cmd(
     set_: SetOption = None,
 ) -> None:
     """Train the PointNet shape classifier (the shape_class reward's model); report its test accuracy."""
-    from rgdm.config import from_dict, load_config, set_dotted, to_dict
+    from rgdm.cli_runs import claimed_run, run_name
+    from rgdm.config import check_run_name, from_dict, load_config, set_dotted, to_dict
     from rgdm.training.shapes import ClassifierConfig, train_classifier
 
     values = to_dict(load_config(config, ClassifierConfig) if config else ClassifierConfig())
-    if name:
-        values["name"] = name
+    if name is not None:
+        values["name"] = check_run_name(name, "--name")
     for key, value in _overrides(set_).items():
         set_dotted(values, key, value)
     cfg = from_dict(ClassifierConfig, values).validate()
-    run_dir = RUNS_DIR / cfg.name
-    metrics = train_classifier(cfg, run_dir, resume=resume)
+    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
+    with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
+        metrics = train_classifier(cfg, run_dir, resume=resume)
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"checkpoints in {run_dir / 'checkpoints'}; test accuracy in {run_dir / 'test_metrics.json'}")
 
@@ -288,7 +298,7 @@ def finetune(
     config: Annotated[Path | None, typer.Option(help="YAML fine-tuning config (overrides the defaults).")] = None,
     name: Annotated[str | None, typer.Option(help="Run name (default: <base>-<method>-<reward>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint.")] = False,
-    compare: Annotated[int, typer.Option(help="Clouds to sample before/after for report.md (0 = none).")]
+    compare: Annotated[int, typer.Option(min=0, help="Clouds to sample before/after for report.md (0 = none).")]
         = DEFAULT_COMPARE,
     set_: SetOption = None,
 ) -> None:
@@ -302,9 +312,10 @@ def evaluate(
     classifier: Annotated[str | None, typer.Option(
         help="Classifier run (default: the fine-tuning reward's, else runs/shape-classifier).")] = None,
     target: Annotated[str | None, typer.Option(help="Target class (default: the fine-tuning target).")] = None,
-    n: Annotated[int, typer.Option(help="Clouds to sample per model.")] = DEFAULT_COMPARE,
+    n: Annotated[int, typer.Option(min=1, help="Clouds to sample per model.")] = DEFAULT_COMPARE,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path | None, typer.Option(help="Report directory (default: <first run>/eval).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
 ) -> None:
     """Sample each model; fraction classified as TARGET and MMD/COV/1-NNA; same as `rgdm evaluate`."""
-    run_evaluate(model, classifier, target, n, out, seed)
+    run_evaluate(model, classifier, target, n, out, seed, overwrite=overwrite)

@@ -8,8 +8,10 @@ is reported as ``model.hiden_nf: unknown key (did you mean 'hidden_nf'?)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,8 +118,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> RunConfig:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name: {self.name!r} must be a non-empty directory name without '/'")
+        check_run_name(self.name)
         for section in (self.data, self.model, self.diffusion, self.train):
             section.validate()
         return self
@@ -284,8 +285,7 @@ class FinetuneConfig:
     eval_samples: int = 64  # molecules sampled for validity/stability every train.val_every iterations
 
     def validate(self) -> FinetuneConfig:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name: {self.name!r} must be a non-empty directory name without '/'")
+        check_run_name(self.name)
         if not self.base:
             raise ConfigError("base: give the pre-trained model (run directory, checkpoint or shipped name)")
         _check_choice("method", self.method, FINETUNE_METHODS)
@@ -349,7 +349,7 @@ def load_config(path: str | Path, cls: type = RunConfig, overrides: dict[str, An
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not YAML
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -423,14 +423,17 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # NaN passes every range check; inf is never a sensible setting
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -452,6 +455,23 @@ def _origin(path: Path, text: str, message: str, overrides: dict[str, Any]) -> s
             return str(path)
         key_node, node = match
     return f"{path}:{key_node.start_mark.line + 1}"
+
+
+def check_run_name(name: Any, where: str = "name") -> str:
+    """``name`` if it is usable as one directory under runs/; else a ConfigError saying why.
+
+    A name is one path component: no separators (it must not escape runs/ or nest), not ``.`` or
+    ``..`` (or only dots), and printable (no control characters that a shell would mangle).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}: give a non-empty run name")
+    if "/" in name or "\\" in name:
+        raise ConfigError(f"{where}: {name!r} contains a path separator; a run name is one directory under runs/")
+    if set(name) == {"."}:
+        raise ConfigError(f"{where}: {name!r} is not a run name (only dots)")
+    if not name.isprintable() or name != name.strip():
+        raise ConfigError(f"{where}: {name!r} has control characters or surrounding spaces")
+    return name
 
 
 def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:

@@ -7,6 +7,9 @@ or the name of a pretrained model shipped with the package.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,3 +147,89 @@ def load_model(source: str | Path, use_ema: bool = True, device: str | torch.dev
         raise CheckpointError(f"{path}: weights do not fit the model its config describes ({first})") from None
     model.to(device).eval()
     return LoadedModel(model, config, spec, path, int(state["step"]))
+
+
+# --------------------------------------------------------------------------------------------- #
+# Run directories: one process at a time, and fresh names by default.
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing the same run directory."""
+
+
+LOCK_NAME = ".lock"
+_held_locks: dict[Path, list[Any]] = {}  # run directory -> [open lock file, depth] held by this process
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` while a run writes its directory; refuse if another process holds it.
+
+    The lock is an OS file lock (``flock``), so it disappears with its process: a run killed by
+    ``kill -9`` or a power cut never leaves a stale lock behind. The same process may take it again
+    (``rgdm finetune`` locks the run, and the training loop inside it locks it once more).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    handle = (run_dir / LOCK_NAME).open("a+")
+    if not _try_lock(handle):
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunLockedError(f"{run_dir} is in use by another process (pid {owner}); wait for it to finish, "
+                             "or give this run another name")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks[key] = [handle, 1]
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        handle.close()  # closing the file releases the lock; the empty-ish file stays (harmless)
+
+
+def _try_lock(handle: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks in the standard library; do not block the run
+        return True
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` already holds a run (a checkpoint, or a lock of a run that never got one)."""
+    run_dir = Path(run_dir)
+    return any((run_dir / "checkpoints").glob("step_*.pt")) or (run_dir / LOCK_NAME).exists()
+
+
+def fresh_run_name(runs_dir: str | Path, name: str) -> str:
+    """``name`` if ``runs_dir/name`` holds no run yet, else the first free ``name-2``, ``name-3``, ..."""
+    runs_dir = Path(runs_dir)
+    candidate, counter = name, 1
+    while holds_run(runs_dir / candidate):
+        counter += 1
+        candidate = f"{name}-{counter}"
+    return candidate
+
+
+def newest_run_name(runs_dir: str | Path, name: str) -> str:
+    """The newest of ``name``, ``name-2``, ``name-3``, ... that holds a run (``name`` if none does)."""
+    runs_dir = Path(runs_dir)
+    newest, counter = name, 2
+    while holds_run(runs_dir / f"{name}-{counter}"):
+        newest, counter = f"{name}-{counter}", counter + 1
+    return newest

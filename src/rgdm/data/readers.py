@@ -74,7 +74,8 @@ def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        return path.read_text().splitlines()
+        # utf-8-sig: files saved by Windows editors start with a byte-order mark, which is not data.
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
 

@@ -14,9 +14,11 @@ one process, so xTB only ever runs in these workers. This module does not import
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import time
 from collections import deque
@@ -37,8 +39,11 @@ from rgdm.rewards.scoring import (
     failure,
 )
 
+INLINE_TIMEOUT_MESSAGE = ("timeout: the inline backend runs the reward in the training process, where nothing "
+                          "can stop a call that hangs or exits; use backend 'process' (or 'ray') for a timeout")
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 BACKENDS = ("process", "ray", "inline")
+logger = logging.getLogger("rgdm.rewards")
 
 
 @dataclass(frozen=True)
@@ -76,18 +81,38 @@ class Backend(Protocol):
 
 def run_isolated(backend: Backend, molecules: Sequence[Molecule], targets: Sequence[float | None],
                  chunk_size: int, timeout: float | None) -> list[Outcome]:
-    """Score ``molecules`` in chunks; retry the molecules of failed chunks one at a time."""
+    """Score ``molecules`` in chunks; retry the molecules of failed chunks one at a time.
+
+    A chunk's failure is logged (once per distinct reason) before the retry: when every single
+    molecule then succeeds, as for a function that returns the wrong number of values for a chunk,
+    the log is the only trace of the fault.
+    """
     tasks = make_tasks(molecules, targets, chunk_size)
     outcomes: list[Outcome | None] = [None] * len(molecules)
     retry: list[Task] = []
     for task, result in zip(tasks, backend.run(tasks, timeout), strict=True):
         if isinstance(result, TaskFailure) and len(task) > 1:
+            _log_chunk_failure(len(task), result)
             retry.extend(task.singles())
         else:
             _store(outcomes, task, result)
     for task, result in zip(retry, backend.run(retry, timeout) if retry else [], strict=True):
         _store(outcomes, task, result)
     return outcomes  # type: ignore[return-value]  # every index was stored above
+
+
+_MAX_LOGGED_CHUNK_REASONS = 20
+_logged_chunk_reasons: set[tuple[str, str]] = set()
+
+
+def _log_chunk_failure(size: int, failure: TaskFailure) -> None:
+    # Reasons that differ only in numbers ("returned 7 values for 8 molecules") count as one.
+    event = (failure.kind, re.sub(r"\d+", "#", failure.reason))
+    if event in _logged_chunk_reasons or len(_logged_chunk_reasons) >= _MAX_LOGGED_CHUNK_REASONS:
+        return
+    _logged_chunk_reasons.add(event)
+    logger.warning("a reward call on %d molecules failed (%s: %s); scoring them one at a time", size,
+                   failure.kind, failure.reason)
 
 
 def make_tasks(molecules: Sequence[Molecule], targets: Sequence[float | None], chunk_size: int) -> list[Task]:
@@ -123,13 +148,20 @@ def make_backend(kind: str, scorer: Scorer, workers: int, address: str | None = 
 
 
 class InlineBackend:
-    """Run in the calling process. Exceptions are isolated; timeouts and crashes cannot be."""
+    """Run in the calling process. Exceptions are isolated; timeouts and crashes cannot be.
+
+    Nothing can stop a function call in the same process from the outside, and a reward that calls
+    ``os._exit`` or crashes the interpreter takes the training with it. So this backend refuses a
+    timeout instead of ignoring it: rewards that may hang or crash belong in ``process`` or ``ray``.
+    """
 
     def __init__(self, scorer: Scorer) -> None:
         self._scorer = scorer
         self._warm = False
 
     def run(self, tasks: Sequence[Task], timeout: float | None) -> list[TaskResult]:
+        if timeout is not None:
+            raise ValueError(INLINE_TIMEOUT_MESSAGE)
         if not self._warm:
             self._scorer.warm_up()
             self._warm = True

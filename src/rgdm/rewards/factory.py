@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rgdm.rewards.execution import BACKENDS
+from rgdm.rewards.execution import BACKENDS, INLINE_TIMEOUT_MESSAGE
 from rgdm.rewards.registry import RewardSpec, did_you_mean, reward_spec
 from rgdm.rewards.reward import DEFAULT_PENALTY, PropertyReward, Reward, TargetMatch, WeightedSum
 
@@ -103,6 +103,8 @@ def _execution_options(config: Mapping[str, Any], where: str) -> dict[str, Any]:
         options["timeout"] = _number(options, "timeout", where)
         if options["timeout"] <= 0:
             raise RewardConfigError(f"{where}.timeout: expected positive seconds, got {options['timeout']}")
+        if options.get("backend") == "inline":
+            raise RewardConfigError(f"{where}.{INLINE_TIMEOUT_MESSAGE}")
     if "penalty" in options:
         options["penalty"] = _number(options, "penalty", where)
     if "cache" in options and not isinstance(options["cache"], bool):

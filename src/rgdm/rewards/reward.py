@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rgdm.rewards.execution import BACKENDS, Backend, make_backend, run_isolated
+from rgdm.rewards.execution import BACKENDS, INLINE_TIMEOUT_MESSAGE, Backend, make_backend, run_isolated
 from rgdm.rewards.molecule import Molecule, as_molecules
 from rgdm.rewards.scoring import (
     CRASH,
@@ -153,6 +153,12 @@ class PropertyReward(Reward):
             raise ValueError(f"unknown reward backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+        if backend == "inline":
+            # The default timeout is for worker backends; one given explicitly (a different object
+            # than the default constant) cannot be enforced in this process: refuse it, do not ignore it.
+            if timeout is not None and timeout is not DEFAULT_TIMEOUT:
+                raise ValueError(INLINE_TIMEOUT_MESSAGE)
+            timeout = None
         self.name, self.units, self.penalty = name, units, float(penalty)
         self.scorer = scorer
         self.timeout = timeout

@@ -106,9 +106,16 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     return trainer
 
 
+# Reverse steps (DDIM) of the before/after samples of report.md: one sampler for every method, so that
+# the "before" row of a method's report is the same numbers whichever method was trained.
+REPORT_SAMPLING_STEPS = 50
+
+
 def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, compare: int = 200,
-                        command: str = "", progress: bool = True) -> dict[str, dict[str, float]] | None:
-    """Fine-tune, then sample ``compare`` molecules before and after and write ``report.md``."""
+                        command: str = "", progress: bool = True,
+                        sampling_steps: int = REPORT_SAMPLING_STEPS) -> dict[str, dict[str, float]] | None:
+    """Fine-tune, then sample ``compare`` molecules before and after (``sampling_steps`` DDIM steps,
+    whatever the method trained with) and write ``report.md``."""
     from rgdm.report import finetune_report
     from rgdm.rewards import make_reward
 
@@ -119,6 +126,6 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
     with make_reward(config.reward) as reward:
         task = build_task(config, base.model, base.config, reward)
         label = config.reward["name"] + (f" (target {config.target:g})" if config.target is not None else "")
-        steps = config.method_config.sampling_steps or None
-        return finetune_report(run_dir, base.model, trainer.model, task, compare, steps, label, config.target, command,
+        return finetune_report(run_dir, base.model, trainer.model, task, compare, sampling_steps, label,
+                               config.target, command,
                                seed=config.train.seed + 1, progress=progress)

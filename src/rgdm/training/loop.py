@@ -12,8 +12,10 @@ all ranks take identical steps; only rank 0 writes checkpoints, metrics and the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import errno
 import json
 import logging
 import math
@@ -40,6 +42,11 @@ from rgdm.training.checkpoint import (
 )
 
 log = logging.getLogger("rgdm.training")
+
+# A loss or gradient norm above these is almost always a run blowing up (EDM-style losses are O(1) and
+# gradient norms rarely exceed 1e3): warn once per run segment, so that it does not go by unnoticed.
+DIVERGING_LOSS = 1e4
+DIVERGING_GRAD_NORM = 1e6
 
 # Config keys that may differ when a run is resumed: they say how long and how verbosely to run,
 # not what is computed (extending ``train.steps`` is how a finished run is continued).
@@ -112,11 +119,18 @@ class MetricsLog:
         for row in self.rows:
             columns += [k for k in row if k not in columns]
         tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns or ["step"])
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+        try:
+            with tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns or ["step"])
+                writer.writeheader()
+                writer.writerows(self.rows)
+            tmp.replace(self.path)
+        except OSError as err:
+            # A full disk: the previous metrics.csv stays whole (written to a temp file, then renamed).
+            tmp.unlink(missing_ok=True)
+            reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+            raise CheckpointError(f"{self.path}: metrics not written ({reason}); the checkpoints are intact, "
+                                  "free some space and resume the run") from None
 
     def close(self) -> None:
         if self.writer is not None:
@@ -153,6 +167,7 @@ class Trainer:
         self.ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
         self.elapsed = 0.0  # training wall time over all resumed segments
+        self.warned_diverging = False
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -234,9 +249,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------- #
     def fit(self) -> dict[str, float]:
         """Train until ``config.steps`` (or ``max_minutes``); returns the last logged metrics."""
+        from rgdm.runs import run_lock
+
+        # Rank 0 writes the run directory; the lock keeps a second process from writing it at once.
+        with run_lock(self.run_dir) if distributed.is_main() else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         cfg = self.config
         main = distributed.is_main()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_log = MetricsLog(self.run_dir, self.tensorboard) if main else None
         if metrics_log is not None:
             metrics_log.truncate(self.step)
@@ -301,11 +322,21 @@ class Trainer:
         if self.config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             metrics["grad_norm"] = float(grad_norm)
+        self._warn_if_diverging(global_loss.item(), metrics.get("grad_norm", 0.0))
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
         metrics["loss"] = global_loss.item()
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+    def _warn_if_diverging(self, loss: float, grad_norm: float) -> None:
+        if self.warned_diverging or not (abs(loss) > DIVERGING_LOSS or grad_norm > DIVERGING_GRAD_NORM):
+            return
+        self.warned_diverging = True
+        if distributed.is_main():
+            log.warning("step %d: loss %.3g, gradient norm %.3g: training is probably diverging "
+                        "(lower train.lr, check the data, or the reward's scale)", self.step + 1, loss, grad_norm)
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

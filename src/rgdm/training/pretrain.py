@@ -23,7 +23,7 @@ class RunExistsError(RuntimeError):
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     has_checkpoints = any((run_dir / "checkpoints").glob("step_*.pt"))
     if has_checkpoints and not resume:
-        raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
+        raise RunExistsError(f"{run_dir} already holds a run; resume it (resume=True) or train in another directory")
     run_dir.mkdir(parents=True, exist_ok=True)
 
 

@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from rgdm import distributed
-from rgdm.config import ConfigError, TrainConfig, _check_choice, _check_range, save_config, to_dict
+from rgdm.config import (
+    ConfigError,
+    TrainConfig,
+    _check_choice,
+    _check_range,
+    check_run_name,
+    save_config,
+    to_dict,
+)
 from rgdm.data.dataset import MoleculeDataset
 from rgdm.data.properties import PROPERTIES, UNITS
 from rgdm.models.regressor import PropertyRegressor, RegressorSpec
@@ -88,8 +96,7 @@ class RegressorConfig:
     train: TrainConfig = field(default_factory=_regressor_train_defaults)
 
     def validate(self) -> RegressorConfig:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name: {self.name!r} must be a non-empty directory name without '/'")
+        check_run_name(self.name)
         self.data.validate()
         self.model.validate()
         self.train.validate()

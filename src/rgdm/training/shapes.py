@@ -31,6 +31,7 @@ from rgdm.config import (
     TrainConfig,
     _check_choice,
     _check_range,
+    check_run_name,
     from_dict,
     save_config,
     to_dict,
@@ -44,7 +45,14 @@ from rgdm.training.ddpo import DDPOConfig, DDPOObjective
 from rgdm.training.loop import Trainer
 from rgdm.training.mle import DataStream
 from rgdm.training.rgdm import RGDMObjective
-from rgdm.training.tasks import Conditions, Scores, data_generator, scores_from_result, sharded_denoising_loss
+from rgdm.training.tasks import (
+    Conditions,
+    RewardCounters,
+    Scores,
+    data_generator,
+    scores_from_result,
+    sharded_denoising_loss,
+)
 
 DOMAIN = "shapes"
 METHODS = ("rgdm", "ddpo")
@@ -185,8 +193,7 @@ class ShapeFinetuneConfig:
 
 
 def _check_name(name: str) -> None:
-    if not name or "/" in name:
-        raise ConfigError(f"name: {name!r} must be a non-empty directory name without '/'")
+    check_run_name(name)
 
 
 # ------------------------------------------------------------------------------------------------- #
@@ -429,6 +436,7 @@ class ShapeTask:
         self.num_points = model.num_points
         self.context_row = model.context_for([target_class]) if model.conditional else None
         self.reward = reward
+        self.counters = RewardCounters(reward)
         self.dataset = dataset
         self.stream = DataStream(dataset, mle_batch_size, seed) if mle_batch_size and dataset is not None else None
         self.seed = seed
@@ -451,16 +459,17 @@ class ShapeTask:
                                       model.context_for(self.dataset.labels[indices]))
 
     def stats(self) -> dict[str, float]:
-        stats = self.reward.stats() if hasattr(self.reward, "stats") else {}
-        out = {f"reward_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+        out = self.counters.live()
         out["reward_calls"] = float(self.calls)
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "stream": self.stream.state_dict() if self.stream is not None else None}
+        return {"calls": self.calls, "stream": self.stream.state_dict() if self.stream is not None else None,
+                "reward_counters": self.counters.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = int(state["calls"])
+        self.counters.load_state_dict(state.get("reward_counters") or {})  # absent in checkpoints before 0.2
         if self.stream is not None and state.get("stream") is not None:
             self.stream.load_state_dict(state["stream"])
 

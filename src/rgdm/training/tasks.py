@@ -149,8 +149,57 @@ def task_stats(task: Task) -> dict[str, float]:
     stats = task.stats()
     if distributed.world_size() > 1:
         per_rank = distributed.all_gather_objects(stats)
-        stats = {key: float(sum(rank_stats.get(key, 0.0) for rank_stats in per_rank)) for key in stats}
+        total = {key: float(sum(rank_stats.get(key, 0.0) for rank_stats in per_rank)) for key in stats}
+        counters = getattr(task, "counters", None)
+        if isinstance(counters, RewardCounters):  # rank 0 checkpoints global totals
+            counters.other_ranks = {key: total[key] - stats[key] for key in total}
+        stats = total
     return {key: value for key, value in stats.items() if key != "reward_calls"}
+
+
+class RewardCounters:
+    """A reward's counters as a run logs them: this process's live counts plus a checkpoint's.
+
+    A resumed run builds a fresh reward object whose counters start at zero; adding the totals
+    stored in the checkpoint makes metrics.csv of a resumed run continue the uninterrupted one.
+    Under ``torchrun`` the logged counters are summed over ranks: rank 0 remembers the other
+    ranks' part (as of the last sum), so its checkpoint holds global totals, and on resume only
+    rank 0 restores them. Rates (``samples_per_second``) are recomputed from the totals.
+    """
+
+    def __init__(self, reward: Any):
+        self.reward = reward
+        self.restored: dict[str, float] = {}
+        self.other_ranks: dict[str, float] = {}
+
+    def live(self) -> dict[str, float]:
+        """This process's counters (``reward_<name>``), including what was restored on resume."""
+        stats = self.reward.stats() if hasattr(self.reward, "stats") else {}
+        out = {f"reward_{key}": float(value) for key, value in stats.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        return _with_rates(_added(out, self.restored))
+
+    def state_dict(self) -> dict[str, float]:
+        return _with_rates(_added(self.live(), self.other_ranks))
+
+    def load_state_dict(self, totals: dict[str, float]) -> None:
+        self.restored = {key: float(value) for key, value in totals.items()} if distributed.rank() == 0 else {}
+        self.other_ranks = {}
+
+
+def _added(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {key: a.get(key, 0.0) + b.get(key, 0.0) for key in (*a, *(k for k in b if k not in a))}
+
+
+def _with_rates(stats: dict[str, float]) -> dict[str, float]:
+    """Recompute every ``<prefix>samples_per_second`` as ``<prefix>evaluated / <prefix>seconds``."""
+    rate = "samples_per_second"
+    for key in stats:
+        if key.endswith(rate):
+            prefix = key[: -len(rate)]
+            seconds = stats.get(prefix + "seconds", 0.0)
+            stats[key] = stats.get(prefix + "evaluated", 0.0) / seconds if seconds > 0 else 0.0
+    return stats
 
 
 def scores_from_result(result: Any) -> Scores:
@@ -211,6 +260,7 @@ class MoleculeTask:
 
         self.model = model
         self.reward = reward
+        self.counters = RewardCounters(reward)
         self.dataset = dataset
         self.target = target
         self.target_property = target_property
@@ -254,15 +304,16 @@ class MoleculeTask:
         return self.data_objective.loss(model, step)[0]
 
     def stats(self) -> dict[str, float]:
-        stats = self.reward.stats() if hasattr(self.reward, "stats") else {}
-        out = {f"reward_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+        out = self.counters.live()
         if "reward_samples" in out:
             out["reward_calls"] = out["reward_samples"]
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stream": self.data_objective.stream.state_dict() if self.data_objective is not None else None}
+        return {"stream": self.data_objective.stream.state_dict() if self.data_objective is not None else None,
+                "reward_counters": self.counters.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.data_objective is not None and state.get("stream") is not None:
             self.data_objective.stream.load_state_dict(state["stream"])
+        self.counters.load_state_dict(state.get("reward_counters") or {})  # absent in checkpoints before 0.2
