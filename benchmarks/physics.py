@@ -1,0 +1,241 @@
+"""Physical feedback: RGDM against PPO-clip and RWR with the ``physics`` reward, at equal reward calls.
+
+    OMP_NUM_THREADS=1 python benchmarks/physics.py --seeds 0,1,2 --iterations 80
+
+Every method starts from the shipped heavy-atom model (``qm9-noh-small``), is fine-tuned with
+``rgdm finetune``'s code path (:func:`rgdm.training.finetune.finetune`) on the ``physics`` reward
+(excess valence + extra fragments + capped GFN2-xTB force RMS on the hydrogen-completed geometry,
+see :mod:`rgdm.rewards.physics`) and spends the same number of reward calls: ``iterations`` batches
+of ``batch`` roll-outs of ``steps`` reverse steps. All methods get the same data term
+(``lambda_mle``, the denoising loss on QM9) and the same learning rate. Then ``samples`` molecules
+(same seed, same sampler) are scored with
+
+* validity (EDM: the molecule built from EDM's bonds sanitises; its largest fragment names it),
+* connected validity (valid and a single fragment), single-fragment fraction,
+* uniqueness (distinct / valid) and novelty (distinct valid SMILES absent from QM9's training split).
+
+Results: ``runs/physics/<method>-s<seed>/result.json`` per run (finished runs are skipped, so an
+interrupted benchmark continues), and ``runs/physics/results.md``: mean ± s.e. over seeds, with the
+base model measured the same way. The fine-tuned checkpoints stay in each run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METHODS = ("rgdm", "ppo", "rwr", "ddpo")
+METRICS = ("validity", "connected_validity", "single_fragment", "uniqueness", "novelty", "reward_mean")
+
+
+def method_settings(method: str, args: argparse.Namespace) -> dict:
+    """The ``rgdm finetune`` config section of each method; one reward call per roll-out for all."""
+    common = {"batch_size": args.batch, "sampling_steps": args.steps, "lambda_mle": args.lambda_mle,
+              "mle_batch_size": args.batch}
+    if method == "rgdm":
+        return {"rgdm": {**common, "variant": "sequence", "tau": args.tau}}
+    if method == "ppo":  # RLPF's PPO-clip: ppo_clip_defaults (4 epochs x 2 minibatches, batch advantages)
+        return {"ppo": {**common, "timestep_fraction": args.ppo_timestep_fraction}}
+    if method == "ddpo":
+        return {"ddpo": {**common, "variant": "is", "timestep_fraction": args.ppo_timestep_fraction}}
+    if method == "rwr":  # weights softmax(beta · z-scored reward), beta = 1 / tau: RGDM's temperature
+        return {"rwr": {**common, "normalize_rewards": True, "beta": 1.0 / args.tau}}
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def updates_per_collection(method: str, config) -> int:
+    """Optimizer steps per batch of roll-outs (PPO replays each batch several times)."""
+    return config.method_config.updates_per_batch if method in ("ppo", "ddpo") else 1
+
+
+def reward_config(args: argparse.Namespace) -> dict:
+    return {"name": "physics", "workers": args.workers, "timeout": 60, "force_cap": args.force_cap}
+
+
+@functools.cache
+def training_smiles() -> frozenset[str]:
+    from rgdm.eval.sampling import qm9_training_smiles
+
+    return frozenset(qm9_training_smiles())
+
+
+def graph_metrics(molecules) -> dict[str, float]:
+    """Connected validity and single-fragment fraction with EDM's bonds (the validity metric's)."""
+    from rdkit import Chem
+
+    from rgdm.eval.bonds import bond_matrix, mol_from_bond_matrix
+
+    connected = single = 0
+    for symbols, positions in molecules:
+        pos = np.asarray(positions.detach().cpu() if hasattr(positions, "detach") else positions, dtype=float)
+        mol = mol_from_bond_matrix(list(symbols), pos, bond_matrix(list(symbols), pos))
+        one_fragment = len(Chem.GetMolFrags(mol)) == 1
+        single += one_fragment
+        try:
+            Chem.SanitizeMol(mol)
+            connected += one_fragment
+        except (ValueError, RuntimeError):
+            pass
+    return {"connected_validity": connected / len(molecules), "single_fragment": single / len(molecules)}
+
+
+def evaluate(model, args: argparse.Namespace) -> dict[str, float]:
+    """``args.samples`` molecules of the model, fixed seed, scored by the metrics and the reward."""
+    from rgdm.eval.molecules import evaluate_molecules
+    from rgdm.eval.sampling import molecule_list, sample_in_chunks
+    from rgdm.rewards import make_reward
+
+    model.eval()
+    with torch.no_grad():
+        molecules = molecule_list(sample_in_chunks(model, args.samples, 100, args.steps, args.eval_seed,
+                                                   progress=False))
+    metrics = evaluate_molecules(molecules, set(training_smiles()))
+    metrics.update(graph_metrics(molecules))
+    with make_reward(reward_config(args)) as reward:
+        values = reward(molecules).values
+    metrics["reward_mean"] = float(values.mean())
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def code_version() -> dict[str, str]:
+    """The commit and a hash of the objectives' source at start-up (the working tree may be ahead of HEAD)."""
+    import hashlib
+    import inspect
+    import subprocess
+
+    from rgdm.training import ddpo, rgdm, rwr
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    source = "".join(inspect.getsource(module) for module in (rgdm, ddpo, rwr))
+    return {"git_head": head, "objectives_sha1": hashlib.sha1(source.encode()).hexdigest()[:12]}
+
+
+def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
+    from rgdm.config import FinetuneConfig, TrainConfig, from_dict, to_dict
+    from rgdm.training.finetune import finetune
+
+    run_dir = args.out / f"{method}-s{seed}"
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    values = to_dict(FinetuneConfig())
+    values.update({"name": run_dir.name, "base": args.base, "method": method, "reward": reward_config(args),
+                   "eval_samples": 0, **method_settings(method, args)})
+    config = from_dict(FinetuneConfig, values)
+    updates = updates_per_collection(method, config)
+    config.train = TrainConfig(steps=args.iterations * updates, lr=args.lr, ema_decay=0.0, grad_clip=1.0, seed=seed,
+                               log_every=updates, val_every=10**9, checkpoint_every=args.iterations * updates,
+                               num_threads=1)
+    config.validate()
+    started = time.perf_counter()
+    trainer = finetune(config, run_dir, progress=False, tensorboard=False)
+    seconds = time.perf_counter() - started
+    calls = trainer.objective.reward_calls
+    if calls != args.iterations * args.batch:
+        raise RuntimeError(f"{method}: {calls} reward calls, expected {args.iterations * args.batch}")
+    result = {"method": method, "seed": seed, "reward_calls": calls, "train_seconds": seconds,
+              "optimizer_steps": trainer.step, **evaluate(trainer.model, args)}
+    result["config"] = to_dict(config)
+    result["code"] = args.code
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_base(args: argparse.Namespace) -> dict:
+    from rgdm.runs import load_model
+
+    path = args.out / "base" / "result.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"method": "base", "reward_calls": 0, **evaluate(load_model(args.base).model, args)}
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def ship(run: str, args: argparse.Namespace, name: str = "qm9-noh-physics") -> Path:
+    """Write run ``<method>-s<seed>``'s fine-tuned weights as the shipped model ``name`` (+ model card)."""
+    import rgdm
+    from rgdm.runs import PRETRAINED_DIR
+    from rgdm.training.checkpoint import checkpoint_paths, load_checkpoint
+
+    run_dir = args.out / run
+    result = json.loads((run_dir / "result.json").read_text())
+    state = load_checkpoint(checkpoint_paths(run_dir / "checkpoints")[-1])
+    base = dict(state["base_config"], name=name)
+    shipped = {"format_version": state["format_version"], "rgdm_version": rgdm.__version__, "kind": "finetune",
+               "config": base, "model_spec": state["model_spec"], "step": state["step"],
+               "elapsed_seconds": result["train_seconds"], "model": state["model"], "ema": None,
+               "finetune_config": result["config"]}
+    path = PRETRAINED_DIR / f"{name}.pt"
+    torch.save(shipped, path)
+    return path
+
+
+def mean_se(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    array = np.asarray(values)
+    return f"{array.mean():.3f} ± {array.std(ddof=1) / math.sqrt(len(array)):.3f}"
+
+
+def table(base: dict, results: dict[str, list[dict]]) -> str:
+    header = "| method | seeds | reward calls | " + " | ".join(METRICS) + " | train min |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
+    lines.append("| base | - | 0 | " + " | ".join(f"{base[m]:.3f}" for m in METRICS) + " | - |")
+    for method, runs in results.items():
+        cells = [mean_se([r[m] for r in runs]) for m in METRICS]
+        minutes = np.mean([r["train_seconds"] for r in runs]) / 60
+        lines.append(f"| {method} | {len(runs)} | {runs[0]['reward_calls']} | " + " | ".join(cells)
+                     + f" | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="qm9-noh-small")
+    parser.add_argument("--methods", default="rgdm,ppo,rwr")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--iterations", type=int, default=80, help="batches of roll-outs (reward calls / batch)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and evaluation samples")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--tau", type=float, default=0.25, help="RGDM temperature (RWR: beta = 1 / tau)")
+    parser.add_argument("--lambda-mle", type=float, default=1.0, help="data term of every method")
+    parser.add_argument("--ppo-timestep-fraction", type=float, default=0.5)
+    parser.add_argument("--force-cap", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=1, help="xTB worker processes")
+    parser.add_argument("--samples", type=int, default=500, help="molecules per evaluation")
+    parser.add_argument("--eval-seed", type=int, default=12345)
+    parser.add_argument("--out", type=Path, default=Path("runs/physics"))
+    parser.add_argument("--ship", default="", help="write run METHOD-sSEED as the shipped qm9-noh-physics model")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.ship:
+        print(f"wrote {ship(args.ship, args)}")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.code = code_version()  # the objectives are imported here, once: later edits do not reach this run
+
+    base = run_base(args)
+    print("base", json.dumps({m: round(base[m], 4) for m in METRICS}), flush=True)
+    results: dict[str, list[dict]] = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for method in args.methods.split(","):
+            result = run_one(method, seed, args)
+            results.setdefault(method, []).append(result)
+            print(method, seed, f"{result['train_seconds']:.0f}s",
+                  json.dumps({m: round(result[m], 4) for m in METRICS}), flush=True)
+            (args.out / "results.md").write_text(table(base, results) + "\n")
+    print(table(base, results))
+
+
+if __name__ == "__main__":
+    main()
