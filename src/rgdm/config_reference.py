@@ -72,7 +72,9 @@ def reference_markdown() -> str:
     lines = ["# Configuration reference", "",
              "Generated from the dataclasses in `src/rgdm/config.py` by "
              "`python -m rgdm.config_reference`; `tests/test_config_reference.py` keeps it in sync.",
-             "Unknown keys, wrong types and out-of-range values are rejected with one line naming the key.", ""]
+             "Unknown keys, wrong types, out-of-range values and non-finite numbers (`.nan`, `.inf`) are rejected "
+             "with one line naming the key. A run `name` is one directory under `runs/`: no `/` or `\\`, "
+             "not only dots.", ""]
     for title, top, sections in SECTIONS:
         lines += [f"## {title}", ""] + table(top) + [""]
         for name, cls in sections:
