@@ -237,3 +237,19 @@ def test_pyproject_raises_no_setuptools_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. the deprecated licence table
         apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))
+
+
+def test_the_before_row_is_the_same_for_every_method(tmp_path, tiny_pretrained):
+    """The report samples the base model with one sampler, whatever steps the method trained with."""
+    from rgdm.config import RWRConfig
+    from rgdm.training.finetune import finetune_and_report
+
+    rows = {}
+    for method in ("rgdm", "rwr"):
+        config = tiny_finetune(tiny_pretrained, 1)
+        config.method = method
+        config.rwr = RWRConfig(batch_size=4, sampling_steps=5)  # rgdm trains with 6 steps
+        config.eval_samples = 0
+        summaries = finetune_and_report(config.validate(), tmp_path / method, compare=6, progress=False)
+        rows[method] = summaries["before"]
+    assert rows["rgdm"] == rows["rwr"]
