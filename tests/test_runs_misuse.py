@@ -253,3 +253,18 @@ def test_the_before_row_is_the_same_for_every_method(tmp_path, tiny_pretrained):
         summaries = finetune_and_report(config.validate(), tmp_path / method, compare=6, progress=False)
         rows[method] = summaries["before"]
     assert rows["rgdm"] == rows["rwr"]
+
+
+def test_full_disk_while_logging_metrics_is_one_line(workdir, capsys, monkeypatch):
+    import errno
+
+    def full_disk(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    capsys.readouterr()
+    assert cli.main(["pretrain", "--config", "tiny.yaml", "--name", "full"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: runs/full/metrics.csv: metrics not written (no space left on device); the checkpoints are "
+        "intact, free some space and resume the run"]
+    assert not list((workdir / "runs" / "full").glob("metrics.csv*"))
