@@ -1,8 +1,12 @@
 """Physics rewards: GFN2-xTB single points with tblite on the generated geometry.
 
 Properties and units (EDM's units for QM9's columns): ``xtb_homo``, ``xtb_lumo``, ``xtb_gap`` in
-meV, ``xtb_dipole`` in Debye, ``xtb_energy`` (total energy) in eV. No geometry optimisation: the
-reward judges the geometry the model generated.
+meV, ``xtb_dipole`` in Debye, ``xtb_energy`` (total energy) in eV.
+
+Geometry: ``relax`` chooses where the property is measured: ``"none"`` (the geometry the model
+generated), ``"mmff"`` (a few MMFF94 steps in RDKit) or ``"xtb"`` (a short GFN2-xTB optimisation,
+``relax_steps`` L-BFGS iterations); see :mod:`rgdm.eval.relax` and docs/metrics.md for the measurement
+that chose the default.
 
 tblite and torch ship different OpenMP runtimes that slow each other 10-100x in one process, so
 these rewards run only in worker processes started with ``OMP_NUM_THREADS=1``
@@ -28,6 +32,8 @@ HARTREE_TO_EV = 27.211386
 AU_TO_DEBYE = 2.541746
 QUANTITIES = {"homo": "meV", "lumo": "meV", "gap": "meV", "dipole": "D", "energy": "eV"}
 METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
+# Where the xTB property rewards measure by default (see rgdm.eval.relax and docs/metrics.md).
+DEFAULT_RELAX = "none"
 
 
 def import_tblite() -> None:
@@ -101,71 +107,99 @@ def with_hydrogens(molecule: Molecule) -> Molecule:
     return Molecule(tuple(atom.GetSymbol() for atom in mol.GetAtoms()), mol.GetConformer().GetPositions())
 
 
-def xtb_property(molecule: Molecule, quantity: str, add_hydrogens: bool = False, **settings: Any) -> float:
-    """One property of a GFN-xTB single point in the units of ``QUANTITIES``."""
+def xtb_property(molecule: Molecule, quantity: str, add_hydrogens: bool = False, relax: str = "none",
+                 relax_steps: int | None = None, **settings: Any) -> float:
+    """One property of a GFN-xTB single point in the units of ``QUANTITIES``, after ``relax``."""
+    return xtb_relaxed_property(molecule, quantity, add_hydrogens, relax, relax_steps, **settings)[0]
+
+
+def xtb_relaxed_property(molecule: Molecule, quantity: str, add_hydrogens: bool = False, relax: str = "none",
+                         relax_steps: int | None = None, **settings: Any) -> tuple[float, float]:
+    """``(property, relaxation RMSD in Angstrom)``: the property at the ``relax``-ed geometry."""
+    from rgdm.eval.relax import relax as relax_geometry
+
     if add_hydrogens:
         molecule = with_hydrogens(molecule)
-    result = xtb_singlepoint(molecule, **settings)
+    relaxation = relax_geometry(molecule, relax, relax_steps, **settings)
+    result = xtb_singlepoint(relaxation.molecule, **settings)
     if quantity == "dipole":
-        return float(np.linalg.norm(result.get("dipole"))) * AU_TO_DEBYE
-    if quantity == "energy":
-        return float(result.get("energy")) * HARTREE_TO_EV
-    homo, lumo = frontier_orbitals(result.get("orbital-energies"), result.get("orbital-occupations"))
-    return {"homo": homo, "lumo": lumo, "gap": lumo - homo}[quantity] * HARTREE_TO_MEV
+        value = float(np.linalg.norm(result.get("dipole"))) * AU_TO_DEBYE
+    elif quantity == "energy":
+        value = float(result.get("energy")) * HARTREE_TO_EV
+    else:
+        homo, lumo = frontier_orbitals(result.get("orbital-energies"), result.get("orbital-occupations"))
+        value = {"homo": homo, "lumo": lumo, "gap": lumo - homo}[quantity] * HARTREE_TO_MEV
+    return value, relaxation.rmsd
 
 
 def _xtb_scorer(quantity: str, method: str, charge: int, uhf: int | None, accuracy: float, max_iter: int,
-                electronic_temperature: float, add_hydrogens: bool) -> PerMolecule:
+                electronic_temperature: float, add_hydrogens: bool, relax: str = "none",
+                relax_steps: int | None = None) -> PerMolecule:
+    from rgdm.eval.relax import check_relax_method
+
+    check_relax_method(relax)
     if method not in METHODS:
         raise ValueError(f"xTB method must be one of {', '.join(METHODS)}, got {method!r}")
     if uhf is not None and uhf < 0:
         raise ValueError(f"uhf (number of unpaired electrons) must be >= 0, got {uhf}")
     settings = {"method": method, "charge": int(charge), "uhf": uhf, "accuracy": float(accuracy),
                 "max_iter": int(max_iter), "electronic_temperature": float(electronic_temperature)}
-    return PerMolecule(xtb_property, {"quantity": quantity, "add_hydrogens": bool(add_hydrogens), **settings},
-                       setup=import_tblite)
+    return PerMolecule(xtb_property, {"quantity": quantity, "add_hydrogens": bool(add_hydrogens), "relax": relax,
+                                      "relax_steps": relax_steps, **settings}, setup=import_tblite)
 
 
 # Parameters shared by every xTB reward: charge (total, e), uhf (unpaired electrons; None = 0 or 1 by
 # electron-count parity), accuracy and max_iter of the SCF, electronic temperature in K, and
-# add_hydrogens (complete heavy-atom samples with RDKit-placed hydrogens first, see with_hydrogens).
+# add_hydrogens (complete heavy-atom samples with RDKit-placed hydrogens first, see with_hydrogens),
+# relax ("none", "mmff" or "xtb": where the property is measured) and relax_steps (optimiser iterations;
+# None = rgdm.eval.relax.DEFAULT_STEPS).
 
 
 @register_reward("xtb_homo", units="meV", worker_only=True)
 def xtb_homo(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
              max_iter: int = 250, electronic_temperature: float = 300.0,
-            add_hydrogens: bool = False) -> PerMolecule:
+             add_hydrogens: bool = False, relax: str = DEFAULT_RELAX,
+             relax_steps: int | None = None) -> PerMolecule:
     """HOMO energy (meV) of a GFN2-xTB single point."""
-    return _xtb_scorer("homo", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
+    return _xtb_scorer("homo", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens,
+                       relax, relax_steps)
 
 
 @register_reward("xtb_lumo", units="meV", worker_only=True)
 def xtb_lumo(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
              max_iter: int = 250, electronic_temperature: float = 300.0,
-            add_hydrogens: bool = False) -> PerMolecule:
+             add_hydrogens: bool = False, relax: str = DEFAULT_RELAX,
+             relax_steps: int | None = None) -> PerMolecule:
     """LUMO energy (meV) of a GFN2-xTB single point."""
-    return _xtb_scorer("lumo", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
+    return _xtb_scorer("lumo", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens,
+                       relax, relax_steps)
 
 
 @register_reward("xtb_gap", units="meV", worker_only=True)
 def xtb_gap(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
             max_iter: int = 250, electronic_temperature: float = 300.0,
-            add_hydrogens: bool = False) -> PerMolecule:
+             add_hydrogens: bool = False, relax: str = DEFAULT_RELAX,
+             relax_steps: int | None = None) -> PerMolecule:
     """HOMO-LUMO gap (meV) of a GFN2-xTB single point."""
-    return _xtb_scorer("gap", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
+    return _xtb_scorer("gap", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens,
+                       relax, relax_steps)
 
 
 @register_reward("xtb_dipole", units="D", worker_only=True)
 def xtb_dipole(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
                max_iter: int = 250, electronic_temperature: float = 300.0,
-            add_hydrogens: bool = False) -> PerMolecule:
+             add_hydrogens: bool = False, relax: str = DEFAULT_RELAX,
+             relax_steps: int | None = None) -> PerMolecule:
     """Dipole moment magnitude (Debye) of a GFN2-xTB single point."""
-    return _xtb_scorer("dipole", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
+    return _xtb_scorer("dipole", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens,
+                       relax, relax_steps)
 
 
 @register_reward("xtb_energy", units="eV", worker_only=True)
 def xtb_energy(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
                max_iter: int = 250, electronic_temperature: float = 300.0,
-            add_hydrogens: bool = False) -> PerMolecule:
+             add_hydrogens: bool = False, relax: str = DEFAULT_RELAX,
+             relax_steps: int | None = None) -> PerMolecule:
     """Total energy (eV) of a GFN2-xTB single point."""
-    return _xtb_scorer("energy", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens)
+    return _xtb_scorer("energy", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens,
+                       relax, relax_steps)
