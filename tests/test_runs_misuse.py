@@ -209,8 +209,8 @@ def test_inline_rewards_refuse_a_timeout_and_chunk_faults_are_logged(caplog):
         result = reward(molecules)
     assert result.values.tolist() == [1.0, 2.0, 3.0, 4.0]  # one at a time, every molecule is scored
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("a reward call on 4 molecules failed (error: ValueError: returned 1 values for 4 "
-                            "molecules)") for m in messages), messages
+    assert any(m.startswith("reward first_of_chunk: a call on 4 molecules failed (error: ValueError: returned 1 "
+                            "values for 4 molecules)") for m in messages), messages
 
 
 def test_rewards_are_listed_with_description_units_and_required_options():

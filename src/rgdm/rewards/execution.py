@@ -14,15 +14,13 @@ one process, so xTB only ever runs in these workers. This module does not import
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import os
 import pickle
-import re
 import signal
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
@@ -43,7 +41,6 @@ INLINE_TIMEOUT_MESSAGE = ("timeout: the inline backend runs the reward in the tr
                           "can stop a call that hangs or exits; use backend 'process' (or 'ray') for a timeout")
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 BACKENDS = ("process", "ray", "inline")
-logger = logging.getLogger("rgdm.rewards")
 
 
 @dataclass(frozen=True)
@@ -80,39 +77,27 @@ class Backend(Protocol):
 
 
 def run_isolated(backend: Backend, molecules: Sequence[Molecule], targets: Sequence[float | None],
-                 chunk_size: int, timeout: float | None) -> list[Outcome]:
+                 chunk_size: int, timeout: float | None,
+                 on_chunk_failure: Callable[[int, TaskFailure], None] | None = None) -> list[Outcome]:
     """Score ``molecules`` in chunks; retry the molecules of failed chunks one at a time.
 
-    A chunk's failure is logged (once per distinct reason) before the retry: when every single
+    ``on_chunk_failure(size, failure)`` hears of each failed chunk before the retry: when every single
     molecule then succeeds, as for a function that returns the wrong number of values for a chunk,
-    the log is the only trace of the fault.
+    that is the only trace of the fault.
     """
     tasks = make_tasks(molecules, targets, chunk_size)
     outcomes: list[Outcome | None] = [None] * len(molecules)
     retry: list[Task] = []
     for task, result in zip(tasks, backend.run(tasks, timeout), strict=True):
         if isinstance(result, TaskFailure) and len(task) > 1:
-            _log_chunk_failure(len(task), result)
+            if on_chunk_failure is not None:
+                on_chunk_failure(len(task), result)
             retry.extend(task.singles())
         else:
             _store(outcomes, task, result)
     for task, result in zip(retry, backend.run(retry, timeout) if retry else [], strict=True):
         _store(outcomes, task, result)
     return outcomes  # type: ignore[return-value]  # every index was stored above
-
-
-_MAX_LOGGED_CHUNK_REASONS = 20
-_logged_chunk_reasons: set[tuple[str, str]] = set()
-
-
-def _log_chunk_failure(size: int, failure: TaskFailure) -> None:
-    # Reasons that differ only in numbers ("returned 7 values for 8 molecules") count as one.
-    event = (failure.kind, re.sub(r"\d+", "#", failure.reason))
-    if event in _logged_chunk_reasons or len(_logged_chunk_reasons) >= _MAX_LOGGED_CHUNK_REASONS:
-        return
-    _logged_chunk_reasons.add(event)
-    logger.warning("a reward call on %d molecules failed (%s: %s); scoring them one at a time", size,
-                   failure.kind, failure.reason)
 
 
 def make_tasks(molecules: Sequence[Molecule], targets: Sequence[float | None], chunk_size: int) -> list[Task]:

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rgdm.rewards.execution import BACKENDS, INLINE_TIMEOUT_MESSAGE, Backend, make_backend, run_isolated
+from rgdm.rewards.execution import (
+    BACKENDS,
+    INLINE_TIMEOUT_MESSAGE,
+    Backend,
+    TaskFailure,
+    make_backend,
+    run_isolated,
+)
 from rgdm.rewards.molecule import Molecule, as_molecules
 from rgdm.rewards.scoring import (
     CRASH,
@@ -191,7 +198,8 @@ class PropertyReward(Reward):
         if todo:
             indices = sorted(todo.values())
             fresh = run_isolated(self._backend, [molecules[i] for i in indices],
-                                 [targets[i] for i in indices], self._chunk_size(len(indices)), self.timeout)
+                                 [targets[i] for i in indices], self._chunk_size(len(indices)), self.timeout,
+                                 on_chunk_failure=self._log_chunk_failure)
             self._stats.evaluated += len(indices)
             for i, outcome in zip(indices, fresh, strict=True):
                 known[keys[i]] = outcome
@@ -232,6 +240,15 @@ class PropertyReward(Reward):
             level = logging.INFO if outcome.kind == INVALID else logging.WARNING
         logger.log(level, "reward %s: sample %d marked invalid (%s): %s", self.name, index, outcome.kind,
                    outcome.reason)
+
+    def _log_chunk_failure(self, size: int, failure: TaskFailure) -> None:
+        """Log a failed call on several molecules (once per distinct reason) before they are retried singly."""
+        event = ("chunk " + failure.kind, re.sub(r"\d+", "#", failure.reason))
+        if event in self._logged_reasons or len(self._logged_reasons) >= _MAX_LOGGED_REASONS:
+            return
+        self._logged_reasons.add(event)
+        logger.warning("reward %s: a call on %d molecules failed (%s: %s); scoring them one at a time", self.name,
+                       size, failure.kind, failure.reason)
 
     def _result(self, outcomes: list[Outcome], targets: list[float | None]) -> RewardResult:
         valid = torch.tensor([o.ok for o in outcomes], dtype=torch.bool)
