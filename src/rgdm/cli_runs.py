@@ -67,7 +67,8 @@ def claimed_run(name: str, explicit: bool, resume: bool) -> Iterator[Path]:
     from rgdm.runs import run_lock
 
     run_dir = RUNS_DIR / name
-    if explicit and not resume and any((run_dir / "checkpoints").glob("step_*.pt")):
+    name_is_fixed = explicit or _launched_by_torchrun()  # see run_name: no counter, so the run may exist
+    if name_is_fixed and not resume and any((run_dir / "checkpoints").glob("step_*.pt")):
         raise RunInUseError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     created = not run_dir.exists()
     resume_command = _resume_command(name)
