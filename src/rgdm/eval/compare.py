@@ -41,8 +41,13 @@ def sample_scored(model, task, n: int, num_steps: int | None, seed: int, batch_s
             "target": target_t, "metrics": metrics}
 
 
+def _proportion_se(p: float, n: float) -> float:
+    return math.sqrt(p * (1.0 - p) / n) if n > 0 else math.nan
+
+
 def summarize(result: dict[str, Any]) -> dict[str, float]:
-    """Reward mean ± s.e., property mean and MAE to target over valid rewards, EDM metrics."""
+    """Reward and property mean ± s.e. (property over valid rewards), MAE to target, EDM metrics with
+    binomial s.e., and the strict row (``result["strict"]``, from ``rgdm.eval.strict``) when present."""
     reward, ok = result["reward"], result["reward_valid"].astype(bool)
     prop, target = result["property"], result["target"]
     out: dict[str, float] = {
@@ -57,39 +62,100 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
         out["property_se"] = float(prop[good].std(ddof=1) / math.sqrt(good.sum())) if good.sum() > 1 else math.nan
         with_target = good & np.isfinite(target)
         if with_target.any():
-            out["property_mae"] = float(np.abs(prop[with_target] - target[with_target]).mean())
+            errors = np.abs(prop[with_target] - target[with_target])
+            out["property_mae"] = float(errors.mean())
+            if with_target.sum() > 1:
+                out["property_mae_se"] = float(errors.std(ddof=1) / math.sqrt(with_target.sum()))
     out.update({k: float(v) for k, v in result["metrics"].items() if k != "n_molecules"})
+    n = out["n"]
+    for key in ("reward_valid_fraction", "validity", "valid_and_unique", "molecule_stability"):
+        if key in out:
+            out[f"{key}_se"] = _proportion_se(out[key], n)
+    if "uniqueness" in out and "validity" in out:  # a fraction of the valid molecules
+        out["uniqueness_se"] = _proportion_se(out["uniqueness"], round(out["validity"] * n))
+    strict = result.get("strict")
+    if strict:
+        out["with_hydrogens"] = float(bool(strict["with_hydrogens"]))
+        for key in ("connected_validity", "pb_valid"):
+            if key in strict:
+                out[key], out[f"{key}_se"] = float(strict[key]), float(strict[f"{key}_se"])
     return out
 
 
-ROWS = [("reward_mean", "reward (mean ± s.e.)"), ("property_mean", "property (mean ± s.e.)"),
-        ("property_mae", "MAE to target"), ("reward_valid_fraction", "reward-valid fraction"),
-        ("validity", "validity"), ("uniqueness", "uniqueness"), ("valid_and_unique", "valid & unique"),
-        ("atom_stability", "atom stability"), ("molecule_stability", "molecule stability")]
+# (summary key, row label, kind): "reward" / "property" values carry the reward's or property's units,
+# "fraction" values are shown in percent.
+ROWS = [("reward_mean", "reward r", "reward"), ("property_mean", "{property}", "property"),
+        ("property_mae", "|{property} − target|", "property"),
+        ("reward_valid_fraction", "scored by the reward", "fraction"),
+        ("validity", "validity (EDM: largest fragment sanitises)", "fraction"),
+        ("connected_validity", "connected validity (strict: one fragment)", "fraction"),
+        ("pb_valid", "PB-valid (strict: connected + all PoseBusters checks)", "fraction"),
+        ("uniqueness", "uniqueness (EDM, of valid)", "fraction"),
+        ("valid_and_unique", "valid & unique (EDM)", "fraction"),
+        ("atom_stability", "atom stability (EDM)", "fraction"),
+        ("molecule_stability", "molecule stability (EDM)", "fraction")]
+STABILITY_KEYS = ("atom_stability", "molecule_stability")
 
 
-def markdown_table(summaries: dict[str, dict[str, float]]) -> str:
-    names = list(summaries)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for key, label in ROWS:
+def format_with_se(value: float, se: float | None = None, unit: str = "") -> str:
+    """``value ± se unit`` with decimals set by the standard error (two significant digits of it)."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    if se is not None and math.isfinite(se) and se > 0:
+        decimals = max(0, 1 - math.floor(math.log10(se)))
+        text = f"{value:.{decimals}f} ± {se:.{decimals}f}"
+    else:
+        text = f"{value:.4g}"
+    return f"{text} {unit}".rstrip()
+
+
+def format_percent(value: float, se: float | None = None) -> str:
+    """A fraction as ``12.3 ± 4.5 %`` (one decimal throughout, so columns line up)."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    text = f"{100 * value:.1f}"
+    if se is not None and math.isfinite(se):
+        text += f" ± {100 * se:.1f}"
+    return text + " %"
+
+
+def table_rows(summaries: dict[str, dict[str, float]], property_label: str = "property",
+               property_unit: str = "", reward_unit: str = "") -> list[list[str]]:
+    """Header row then one row per metric; cells formatted with units and ± s.e."""
+    rows = [["metric", *summaries]]
+    for key, label, kind in ROWS:
         if not any(key in s for s in summaries.values()):
             continue
         cells = []
         for s in summaries.values():
             value = s.get(key, math.nan)
-            se_key = key.replace("_mean", "_se")
-            cell = f"{value:.4g}" if math.isfinite(value) else "–"
-            if key.endswith("_mean") and se_key in s and math.isfinite(s[se_key]):
-                cell += f" ± {s[se_key]:.2g}"
-            cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            if key in STABILITY_KEYS and s.get("with_hydrogens") == 0.0:
+                cells.append("n/a (no hydrogens)")
+            elif kind == "fraction":
+                cells.append(format_percent(value, s.get(f"{key}_se")))
+            else:
+                se = s.get(key.replace("_mean", "_se") if key.endswith("_mean") else f"{key}_se")
+                cells.append(format_with_se(value, se, property_unit if kind == "property" else reward_unit))
+        rows.append([label.format(property=property_label), *cells])
+    return rows
+
+
+def markdown_table(summaries: dict[str, dict[str, float]], property_label: str = "property",
+                   property_unit: str = "", reward_unit: str = "") -> str:
+    rows = table_rows(summaries, property_label, property_unit, reward_unit)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|---|" + "---:|" * (len(rows[0]) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     return "\n".join(lines)
 
 
 def write_comparison(results: dict[str, dict[str, Any]], out_dir: str | Path, property_label: str,
-                     target: float | None) -> dict[str, dict[str, float]]:
-    """JSON of summaries, property histogram PNG and molecule render grid PNG for each result."""
-    from rgdm.viz.plots import plot_histograms, render_molecules
+                     target: float | None, renders: int = 8) -> dict[str, dict[str, float]]:
+    """JSON of summaries, the property histogram PNG, and paired before/after renders.
+
+    ``results`` maps names to ``sample_scored`` outputs; when it holds "before" and "after" (drawn
+    from the same seed), ``molecules_paired.png`` shows their first ``renders`` samples side by side.
+    """
+    from rgdm.viz.plots import plot_histograms, render_molecules, render_pairs
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,8 +166,12 @@ def write_comparison(results: dict[str, dict[str, Any]], out_dir: str | Path, pr
         plot_histograms(hist, out_dir / "property_histogram.png", property_label, target)
     else:
         plot_histograms({k: r["reward"] for k, r in results.items()}, out_dir / "property_histogram.png", "reward")
-    for name, r in results.items():
-        picks = r["molecules"][:12]
-        titles = [f"r={v:.3g}" for v in r["reward"][:12]]
-        render_molecules(picks, out_dir / f"molecules_{name}.png", titles=titles)
+    titles = {name: [f"r = {v:.2f}" if ok else "not scored" for v, ok in
+                     zip(r["reward"][:renders], r["reward_valid"][:renders])] for name, r in results.items()}
+    if "before" in results and "after" in results:
+        render_pairs(results["before"]["molecules"][:renders], results["after"]["molecules"][:renders],
+                     out_dir / "molecules_paired.png", titles["before"], titles["after"])
+    else:
+        for name, r in results.items():
+            render_molecules(r["molecules"][:renders], out_dir / f"molecules_{name}.png", titles=titles[name])
     return summaries

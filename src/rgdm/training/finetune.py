@@ -115,7 +115,7 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
                         command: str = "", progress: bool = True,
                         sampling_steps: int = REPORT_SAMPLING_STEPS) -> dict[str, dict[str, float]] | None:
     """Fine-tune, then sample ``compare`` molecules before and after (``sampling_steps`` DDIM steps,
-    whatever the method trained with) and write ``report.md``."""
+    whatever the method trained with) and write ``report.md`` and ``report.html``."""
     from rgdm.report import finetune_report
     from rgdm.rewards import make_reward
 
@@ -125,7 +125,6 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
     base = load_model(config.base)
     with make_reward(config.reward) as reward:
         task = build_task(config, base.model, base.config, reward)
-        label = config.reward["name"] + (f" (target {config.target:g})" if config.target is not None else "")
-        return finetune_report(run_dir, base.model, trainer.model, task, compare, sampling_steps, label,
-                               config.target, command,
-                               seed=config.train.seed + 1, progress=progress)
+        return finetune_report(run_dir, base.model, trainer.model, task, compare, sampling_steps,
+                               config.reward["name"], config.target, command, seed=config.train.seed + 1,
+                               progress=progress, reward_config=config.reward)
