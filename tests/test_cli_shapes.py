@@ -85,6 +85,11 @@ def test_finetune_and_evaluate_a_shape_run_from_the_top_level_commands(workdir, 
     assert 0.0 <= rows[0]["target_accuracy"] <= 1.0 and rows[0]["target_log_prob"] <= 0.0
     assert {"MMD-CD", "COV-CD", "1-NNA-CD"} <= rows[0].keys()
     assert (run / "eval" / "report.md").exists() and (run / "eval" / "samples.png").exists()
+    report = (run / "eval" / "metrics.json").read_bytes()
+    assert main(["evaluate", str(run), "--n", "2"]) == 2  # an existing report is kept ...
+    assert (run / "eval" / "metrics.json").read_bytes() == report
+    assert main(["evaluate", str(run), "--n", "2", "--overwrite"]) == 0  # ... unless replacing it is asked for
+    assert json.loads((run / "eval" / "metrics.json").read_bytes()) != json.loads(report)
 
     # Several models (a run and a checkpoint file) in one report, with explicit options.
     checkpoint = run / "checkpoints" / "step_00000002.pt"
