@@ -164,6 +164,7 @@ def main() -> None:
             jobs, labels = qm9_jobs(args.qm9, noise, args.seed, settings)
             rows = run_pool(jobs, args.workers)
             results[label] = (summarise(rows, labels, names), "DFT gap")
+            save(args, results, started)
             print(f"{label}: done after {time.perf_counter() - started:.0f} s", flush=True)
     if args.generated:
         jobs = generated_jobs(args.generated, args.sampling_steps, args.seed, args.reference_steps, settings)
@@ -175,13 +176,19 @@ def main() -> None:
         summary["reference_median_rmsd_A"] = float(np.nanmedian(reference_rmsd))
         results[f"qm9-noh-small samples ({args.sampling_steps} steps)"] = (
             summary, f"xTB gap after {args.reference_steps} xTB steps")
+        save(args, results, started)
     print(table(results, names))
+    save(args, results, started)
+    print(f"written to {args.out} ({time.perf_counter() - started:.0f} s)")
+
+
+def save(args: argparse.Namespace, results: dict[str, tuple[dict, str]], started: float) -> None:
+    """Write what is measured so far (each part takes minutes)."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "seconds": round(time.perf_counter() - started, 1),
                "results": {label: {"reference": ref, **summary} for label, (summary, ref) in results.items()}}
     args.out.write_text(json.dumps(payload, indent=2))
-    print(f"written to {args.out} ({payload['seconds']} s)")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def test_unknown_relax_method_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def generated_molecule():
-    """A valid sample of the shipped heavy-atom model, with RDKit-placed hydrogens."""
+def generated_heavy_atoms():
+    """A valid sample of the shipped heavy-atom model (no hydrogens)."""
     from rgdm.rewards.scoring import InvalidSample
     from rgdm.rewards.xtb import with_hydrogens
     from rgdm.runs import load_model
@@ -56,11 +56,21 @@ def generated_molecule():
     with torch.no_grad():
         batch = model.sample_molecules(8, num_steps=50, generator=torch.Generator().manual_seed(3))
     for symbols, positions in batch.molecules():
+        molecule = Molecule(tuple(symbols), positions.numpy())
         try:
-            return with_hydrogens(Molecule(tuple(symbols), positions.numpy()))
+            with_hydrogens(molecule)
+            return molecule
         except InvalidSample:
             continue
     pytest.fail("no valid molecule among 8 samples of the shipped model")
+
+
+@pytest.fixture(scope="module")
+def generated_molecule(generated_heavy_atoms):
+    """The sample with RDKit-placed hydrogens."""
+    from rgdm.rewards.xtb import with_hydrogens
+
+    return with_hydrogens(generated_heavy_atoms)
 
 
 def test_xtb_relaxation_lowers_the_xtb_energy_of_a_generated_molecule(generated_molecule):
@@ -82,3 +92,15 @@ def test_xtb_reward_rejects_an_unknown_relax_method():
 
     with pytest.raises((ValueError, RewardConfigError), match="relax must be one of"):
         make_reward({"name": "xtb_gap", "relax": "uff"})
+
+
+def test_report_states_how_far_the_reward_relaxation_moved_the_samples(generated_heavy_atoms):
+    from rgdm.report import relaxation_sentence
+
+    config = {"name": "xtb_gap", "relax": "mmff", "add_hydrogens": True, "workers": 1, "timeout": 60,
+              "target": 4000.0}
+    results = {"before": {"molecules": [generated_heavy_atoms]}, "after": {"molecules": [generated_heavy_atoms]}}
+    sentence = relaxation_sentence(config, results)
+    assert sentence is not None and "median heavy-atom RMSD of 0." in sentence and "before (1 molecules)" in sentence
+    assert relaxation_sentence({**config, "relax": "none"}, results) is None
+    assert relaxation_sentence({"name": "qed"}, results) is None

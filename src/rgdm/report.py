@@ -178,6 +178,34 @@ def significance_sentence(before: np.ndarray, after: np.ndarray, unit: str = "",
     return f"The mean reward changed by {change}: not significant at the {100 * level:g} % level."
 
 
+XTB_OPTIONS = ("method", "charge", "uhf", "accuracy", "max_iter", "electronic_temperature", "add_hydrogens", "relax",
+               "relax_steps", "backend", "workers", "timeout", "address")
+
+
+def relaxation_sentence(reward_config: dict[str, Any] | None, results: dict[str, dict[str, Any]],
+                        k: int = 32) -> str | None:
+    """For xTB rewards that relax: how far the relaxation moved the first ``k`` samples of each model."""
+    from rgdm.rewards import make_reward
+    from rgdm.rewards.xtb import DEFAULT_RELAX
+
+    config = dict(reward_config or {})
+    if not str(config.get("name", "")).startswith("xtb_") or config.get("relax", DEFAULT_RELAX) == "none":
+        return None
+    options = {key: value for key, value in config.items() if key in XTB_OPTIONS}
+    medians = []
+    with make_reward({"name": "xtb_relax_rmsd", **options, "relax": config.get("relax", DEFAULT_RELAX),
+                      "cache": False}) as reward:
+        for name, result in results.items():
+            scored = reward(result["molecules"][:k])
+            values = scored.info["property"][scored.valid].numpy()
+            if len(values):
+                medians.append(f"{np.median(values):.2f} Å {name} ({len(values)} molecules)")
+    if not medians:
+        return None
+    return ("Relaxation moved the scored molecules by a median heavy-atom RMSD of " + " and ".join(medians)
+            + ": the property is measured at the relaxed geometry.")
+
+
 CURVE_LABELS = {
     "reward_mean": "training reward r (mean of roll-outs)",
     "eval_reward_mean": "evaluation reward r (mean)",
@@ -226,6 +254,9 @@ def finetune_report(run_dir: str | Path, base_model, tuned_model, task, n: int, 
                   f"calls, {last.get('wall_seconds', math.nan):.0f} s wall time.")
     doc.paragraph(f"Evaluation: {n} molecules per model, drawn from the same seeds and node counts before and "
                   f"after, {num_steps or 'all'} sampling steps ({time.perf_counter() - started:.0f} s).")
+    relaxation = relaxation_sentence(reward_config, results)
+    if relaxation:
+        doc.paragraph(relaxation)
     doc.heading("Result")
     doc.paragraph(significance_sentence(results["before"]["reward"], results["after"]["reward"], reward_unit))
     doc.table(table_rows(summaries, label, unit, reward_unit))

@@ -77,10 +77,13 @@ def heavy_atom_rmsd(before: Molecule, after: Molecule) -> float:
     return kabsch_rmsd(before.positions[heavy], after.positions[heavy])
 
 
-def relax(molecule: Molecule, relaxation: str = "none", steps: int | None = None, **xtb_settings: Any) -> Relaxation:
+def relax(molecule: Molecule, relaxation: str = "none", steps: int | None = None, bonds_from: Any = None,
+          **xtb_settings: Any) -> Relaxation:
     """Relax ``molecule`` (atoms and their order unchanged) by ``relaxation`` ("none", "mmff" or "xtb").
 
-    ``steps`` caps the optimiser's iterations (default ``DEFAULT_STEPS[relaxation]``); ``xtb_settings``
+    ``steps`` caps the optimiser's iterations (default ``DEFAULT_STEPS[relaxation]``); ``bonds_from`` is an
+    RDKit molecule with the same atoms whose bonds MMFF should use (e.g. the one that placed the
+    hydrogens), instead of bonds perceived from the coordinates; ``xtb_settings``
     (method, charge, uhf, accuracy, max_iter, electronic_temperature) go to the xTB calculator and are
     ignored otherwise. InvalidSample if the molecule cannot be relaxed.
     """
@@ -89,7 +92,7 @@ def relax(molecule: Molecule, relaxation: str = "none", steps: int | None = None
     if relaxation == "none" or steps <= 0:
         return Relaxation(molecule, "none", 0.0, 0)
     if relaxation == "mmff":
-        return relax_mmff(molecule, steps)
+        return relax_mmff(molecule, steps, bonds_from)
     return relax_xtb(molecule, steps, **xtb_settings)
 
 
@@ -114,7 +117,18 @@ def _rdkit_molecule_with_bonds(molecule: Molecule) -> Any:
         return fallback
 
 
-def relax_mmff(molecule: Molecule, steps: int = DEFAULT_STEPS["mmff"]) -> Relaxation:
+def _with_positions(mol: Any, positions: np.ndarray) -> Any:
+    from rdkit import Chem
+    from rdkit.Geometry import Point3D
+
+    mol = Chem.Mol(mol)
+    conformer = mol.GetConformer()
+    for i, (x, y, z) in enumerate(np.asarray(positions, dtype=float).tolist()):
+        conformer.SetAtomPosition(i, Point3D(x, y, z))
+    return mol
+
+
+def relax_mmff(molecule: Molecule, steps: int = DEFAULT_STEPS["mmff"], bonds_from: Any = None) -> Relaxation:
     """At most ``steps`` MMFF94 minimisation steps in RDKit, bonds perceived by EDM's rules.
 
     The molecule should carry its hydrogens (``rgdm.rewards.xtb.with_hydrogens`` adds them to heavy-atom
@@ -122,7 +136,10 @@ def relax_mmff(molecule: Molecule, steps: int = DEFAULT_STEPS["mmff"]) -> Relaxa
     """
     from rdkit.Chem import rdForceFieldHelpers
 
-    mol = _rdkit_molecule_with_bonds(molecule)
+    if bonds_from is not None and bonds_from.GetNumAtoms() == molecule.num_atoms:
+        mol = _with_positions(bonds_from, molecule.positions)
+    else:
+        mol = _rdkit_molecule_with_bonds(molecule)
     properties = rdForceFieldHelpers.MMFFGetMoleculeProperties(mol)
     if properties is None:
         raise InvalidSample("MMFF94 has no parameters for this molecule")

@@ -99,12 +99,17 @@ def with_hydrogens(molecule: Molecule) -> Molecule:
     call: xTB on a bare carbon skeleton describes a radical, not the molecule. A skeleton that does
     not sanitise is an invalid sample.
     """
+    return hydrogenated(molecule)[0]
+
+
+def hydrogenated(molecule: Molecule) -> tuple[Molecule, Any]:
+    """``with_hydrogens`` and the RDKit molecule it came from (its bonds serve a force-field relaxation)."""
     from rdkit import Chem
 
     from rgdm.rewards.chemistry import sanitized_fragment
 
     mol = Chem.AddHs(sanitized_fragment(molecule, "edm"), addCoords=True)
-    return Molecule(tuple(atom.GetSymbol() for atom in mol.GetAtoms()), mol.GetConformer().GetPositions())
+    return Molecule(tuple(atom.GetSymbol() for atom in mol.GetAtoms()), mol.GetConformer().GetPositions()), mol
 
 
 def xtb_property(molecule: Molecule, quantity: str, add_hydrogens: bool = False, relax: str = "none",
@@ -118,9 +123,10 @@ def xtb_relaxed_property(molecule: Molecule, quantity: str, add_hydrogens: bool 
     """``(property, relaxation RMSD in Angstrom)``: the property at the ``relax``-ed geometry."""
     from rgdm.eval.relax import relax as relax_geometry
 
+    bonds_from = None
     if add_hydrogens:
-        molecule = with_hydrogens(molecule)
-    relaxation = relax_geometry(molecule, relax, relax_steps, **settings)
+        molecule, bonds_from = hydrogenated(molecule)
+    relaxation = relax_geometry(molecule, relax, relax_steps, bonds_from=bonds_from, **settings)
     result = xtb_singlepoint(relaxation.molecule, **settings)
     if quantity == "dipole":
         value = float(np.linalg.norm(result.get("dipole"))) * AU_TO_DEBYE
@@ -130,6 +136,17 @@ def xtb_relaxed_property(molecule: Molecule, quantity: str, add_hydrogens: bool 
         homo, lumo = frontier_orbitals(result.get("orbital-energies"), result.get("orbital-occupations"))
         value = {"homo": homo, "lumo": lumo, "gap": lumo - homo}[quantity] * HARTREE_TO_MEV
     return value, relaxation.rmsd
+
+
+def relaxation_rmsd(molecule: Molecule, add_hydrogens: bool = False, relax: str = "xtb",
+                    relax_steps: int | None = None, **settings: Any) -> float:
+    """Heavy-atom RMSD (Angstrom) by which ``relax`` moves the sample (see rgdm.eval.relax)."""
+    from rgdm.eval.relax import relax as relax_geometry
+
+    bonds_from = None
+    if add_hydrogens:
+        molecule, bonds_from = hydrogenated(molecule)
+    return relax_geometry(molecule, relax, relax_steps, bonds_from=bonds_from, **settings).rmsd
 
 
 def _xtb_scorer(quantity: str, method: str, charge: int, uhf: int | None, accuracy: float, max_iter: int,
@@ -203,3 +220,17 @@ def xtb_energy(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None
     """Total energy (eV) of a GFN2-xTB single point."""
     return _xtb_scorer("energy", method, charge, uhf, accuracy, max_iter, electronic_temperature, add_hydrogens,
                        relax, relax_steps)
+
+
+@register_reward("xtb_relax_rmsd", units="A", worker_only=True)
+def xtb_relax_rmsd(method: str = "GFN2-xTB", charge: int = 0, uhf: int | None = None, accuracy: float = 1.0,
+                   max_iter: int = 250, electronic_temperature: float = 300.0, add_hydrogens: bool = False,
+                   relax: str = "xtb", relax_steps: int | None = None) -> PerMolecule:
+    """How far (heavy-atom RMSD, Angstrom) the relaxation of the property rewards moves a sample."""
+    from rgdm.eval.relax import check_relax_method
+
+    check_relax_method(relax)
+    settings = {"method": method, "charge": int(charge), "uhf": uhf, "accuracy": float(accuracy),
+                "max_iter": int(max_iter), "electronic_temperature": float(electronic_temperature)}
+    return PerMolecule(relaxation_rmsd, {"add_hydrogens": bool(add_hydrogens), "relax": relax,
+                                         "relax_steps": relax_steps, **settings}, setup=import_tblite)
