@@ -38,23 +38,29 @@ def settings_from(xtb_steps: list[int]) -> list[tuple[str, str, int]]:
 
 def score_one(job: tuple[list[str], np.ndarray, bool, int, list]) -> dict[str, float]:
     """Gap (meV), relaxation RMSD (Angstrom) and seconds of one molecule per setting (in a worker)."""
+    from rgdm.eval.bonds import build_rdkit_mol
     from rgdm.rewards.molecule import Molecule
     from rgdm.rewards.scoring import InvalidSample
-    from rgdm.rewards.xtb import with_hydrogens, xtb_relaxed_property
+    from rgdm.rewards.xtb import hydrogenated, xtb_relaxed_property
 
-    symbols, positions, add_hydrogens, reference_steps, settings = job
+    symbols, positions, add_hydrogens, reference_steps, settings, clean = job
     out: dict[str, float] = {}
     try:
         molecule = Molecule(tuple(symbols), positions)
+        template = None
         if add_hydrogens:
-            molecule = with_hydrogens(molecule)
+            molecule, template = hydrogenated(molecule)
     except InvalidSample:
         return out
+    # A perturbed QM9 molecule keeps its own bond graph for MMFF (read from the clean geometry), as a
+    # generated one keeps the graph that placed its hydrogens.
+    bonds_from = template if clean is None else build_rdkit_mol(symbols, clean, method="rdkit")
     settings = list(settings) + ([("reference", "xtb", reference_steps)] if reference_steps else [])
     for name, relax, steps in settings:
         started = time.perf_counter()
         try:
-            gap, rmsd = xtb_relaxed_property(molecule, "gap", relax=relax, relax_steps=steps)
+            gap, rmsd = xtb_relaxed_property(molecule, "gap", relax=relax, relax_steps=steps,
+                                             add_hydrogens=False, bonds_from=bonds_from)
         except InvalidSample:
             gap, rmsd = math.nan, math.nan
         out[f"gap_{name}"], out[f"rmsd_{name}"] = gap, rmsd
@@ -110,10 +116,9 @@ def qm9_jobs(n: int, noise: float, seed: int, settings: list) -> tuple[list, np.
     jobs, labels = [], []
     for i in picks.tolist():
         symbols, positions = test.molecule(i)
-        positions = positions.numpy().astype(np.float64)
-        if noise > 0:
-            positions = positions + rng.normal(0.0, noise, positions.shape)
-        jobs.append((list(symbols), positions, False, 0, settings))
+        clean = positions.numpy().astype(np.float64)
+        positions = clean + rng.normal(0.0, noise, clean.shape) if noise > 0 else clean
+        jobs.append((list(symbols), positions, False, 0, settings, clean if noise > 0 else None))
         labels.append(float(test.properties["gap"][i]))
     return jobs, np.array(labels)
 
@@ -127,7 +132,8 @@ def generated_jobs(n: int, steps: int, seed: int, reference_steps: int, settings
     torch.manual_seed(seed)
     with torch.no_grad():
         batch = model.sample_molecules(n, num_steps=steps, generator=torch.Generator().manual_seed(seed))
-    return [(list(s), p.numpy().astype(np.float64), True, reference_steps, settings) for s, p in batch.molecules()]
+    return [(list(s), p.numpy().astype(np.float64), True, reference_steps, settings, None)
+            for s, p in batch.molecules()]
 
 
 def table(results: dict[str, dict], names: list[str]) -> str:

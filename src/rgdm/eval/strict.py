@@ -101,6 +101,8 @@ class PoseBustersChecks:
     """PoseBusters' ``mol`` checks on one RDKit molecule at a time, single-threaded and quiet."""
 
     def __init__(self) -> None:
+        for name in ("posebusters", "posebusters.posebusters", "posebusters.modules"):
+            logging.getLogger(name).setLevel(logging.ERROR)  # it logs its configuration choice at INFO
         from posebusters import PoseBusters
 
         config = PoseBusters(config="mol").config
@@ -113,8 +115,6 @@ class PoseBustersChecks:
         from rdkit import RDLogger
 
         RDLogger.DisableLog("rdApp.*")
-        for name in ("posebusters", "posebusters.posebusters", "posebusters.modules"):
-            logging.getLogger(name).setLevel(logging.ERROR)
 
     def __call__(self, mol: Any) -> dict[str, bool]:
         """Check name -> passed, for every name in ``PB_CHECKS`` (a check that errored did not pass)."""

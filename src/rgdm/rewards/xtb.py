@@ -119,11 +119,14 @@ def xtb_property(molecule: Molecule, quantity: str, add_hydrogens: bool = False,
 
 
 def xtb_relaxed_property(molecule: Molecule, quantity: str, add_hydrogens: bool = False, relax: str = "none",
-                         relax_steps: int | None = None, **settings: Any) -> tuple[float, float]:
-    """``(property, relaxation RMSD in Angstrom)``: the property at the ``relax``-ed geometry."""
+                         relax_steps: int | None = None, bonds_from: Any = None,
+                         **settings: Any) -> tuple[float, float]:
+    """``(property, relaxation RMSD in Angstrom)``: the property at the ``relax``-ed geometry.
+
+    ``bonds_from``: an RDKit molecule whose bonds MMFF uses (default: perceived from the coordinates).
+    """
     from rgdm.eval.relax import relax as relax_geometry
 
-    bonds_from = None
     if add_hydrogens:
         molecule, bonds_from = hydrogenated(molecule)
     relaxation = relax_geometry(molecule, relax, relax_steps, bonds_from=bonds_from, **settings)
