@@ -1,6 +1,6 @@
 """Physical feedback: RGDM against PPO-clip and RWR with the ``physics`` reward, at equal reward calls.
 
-    OMP_NUM_THREADS=1 python benchmarks/physics.py --seeds 0,1,2 --iterations 80
+    OMP_NUM_THREADS=1 python benchmarks/physics.py --seeds 0,1,2 --iterations 50
 
 Every method starts from the shipped heavy-atom model (``qm9-noh-small``), is fine-tuned with
 ``rgdm finetune``'s code path (:func:`rgdm.training.finetune.finetune`) on the ``physics`` reward
@@ -41,10 +41,12 @@ def method_settings(method: str, args: argparse.Namespace) -> dict:
               "mle_batch_size": args.batch}
     if method == "rgdm":
         return {"rgdm": {**common, "variant": "sequence", "tau": args.tau}}
-    if method == "ppo":  # RLPF's PPO-clip: ppo_clip_defaults (4 epochs x 2 minibatches, batch advantages)
-        return {"ppo": {**common, "timestep_fraction": args.ppo_timestep_fraction}}
-    if method == "ddpo":
-        return {"ddpo": {**common, "variant": "is", "timestep_fraction": args.ppo_timestep_fraction}}
+    replay = {"inner_epochs": args.ppo_epochs, "minibatches": args.ppo_minibatches,
+              "timestep_fraction": args.ppo_timestep_fraction}
+    if method == "ppo":  # RLPF's PPO-clip: batch-normalised advantages, several updates per batch
+        return {"ppo": {**common, **replay}}
+    if method == "ddpo":  # DDPO_IS: the running per-target tracker instead
+        return {"ddpo": {**common, **replay, "variant": "is"}}
     if method == "rwr":  # weights softmax(beta · z-scored reward), beta = 1 / tau: RGDM's temperature
         return {"rwr": {**common, "normalize_rewards": True, "beta": 1.0 / args.tau}}
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -67,22 +69,20 @@ def training_smiles() -> frozenset[str]:
 
 
 def graph_metrics(molecules) -> dict[str, float]:
-    """Connected validity and single-fragment fraction with EDM's bonds (the validity metric's)."""
+    """Connected validity (``rgdm.eval.strict``: sanitises and one fragment) and the single-fragment
+    fraction, both with EDM's bonds (the validity metric's)."""
     from rdkit import Chem
 
     from rgdm.eval.bonds import bond_matrix, mol_from_bond_matrix
+    from rgdm.eval.strict import connected_molecule
 
     connected = single = 0
     for symbols, positions in molecules:
+        symbols = list(symbols)
         pos = np.asarray(positions.detach().cpu() if hasattr(positions, "detach") else positions, dtype=float)
-        mol = mol_from_bond_matrix(list(symbols), pos, bond_matrix(list(symbols), pos))
-        one_fragment = len(Chem.GetMolFrags(mol)) == 1
-        single += one_fragment
-        try:
-            Chem.SanitizeMol(mol)
-            connected += one_fragment
-        except (ValueError, RuntimeError):
-            pass
+        bonds = bond_matrix(symbols, pos)
+        single += len(Chem.GetMolFrags(mol_from_bond_matrix(symbols, pos, bonds))) == 1
+        connected += connected_molecule(symbols, pos, bonds) is not None
     return {"connected_validity": connected / len(molecules), "single_fragment": single / len(molecules)}
 
 
@@ -203,13 +203,15 @@ def main() -> None:
     parser.add_argument("--base", default="qm9-noh-small")
     parser.add_argument("--methods", default="rgdm,ppo,rwr")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--iterations", type=int, default=80, help="batches of roll-outs (reward calls / batch)")
+    parser.add_argument("--iterations", type=int, default=50, help="batches of roll-outs (reward calls / batch)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and evaluation samples")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--tau", type=float, default=0.25, help="RGDM temperature (RWR: beta = 1 / tau)")
     parser.add_argument("--lambda-mle", type=float, default=1.0, help="data term of every method")
-    parser.add_argument("--ppo-timestep-fraction", type=float, default=0.5)
+    parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO/DDPO passes over each batch")
+    parser.add_argument("--ppo-minibatches", type=int, default=1, help="PPO/DDPO updates per pass")
+    parser.add_argument("--ppo-timestep-fraction", type=float, default=0.2, help="steps of each trajectory per update")
     parser.add_argument("--force-cap", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=1, help="xTB worker processes")
     parser.add_argument("--samples", type=int, default=500, help="molecules per evaluation")
