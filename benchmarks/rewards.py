@@ -1,5 +1,7 @@
 """Reward throughput: GFN2-xTB gaps per second on QM9 molecules, per execution backend.
 
+Single points (``relax: none``): the relaxation's own cost is in docs/metrics.md.
+
 Runs the same molecules through the process pool with 1 and 2 workers and through Ray (local,
 2 CPUs), each after a warm-up call (worker start-up is paid once per training run), with the
 cache off so every molecule is computed. Prints rewards/second side by side with ratios to
@@ -21,7 +23,7 @@ from rgdm.rewards import make_reward
 
 def throughput(config: dict, batch, warm_up) -> tuple[float, float]:
     """(rewards per second, fraction valid) of one backend on ``batch``."""
-    reward = make_reward({"name": "xtb_gap", "cache": False, "timeout": 120, **config})
+    reward = make_reward({"name": "xtb_gap", "cache": False, "timeout": 120, "relax": "none", **config})
     try:
         reward(warm_up)
         start = time.perf_counter()

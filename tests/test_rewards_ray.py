@@ -74,8 +74,8 @@ def test_ray_xtb_matches_the_process_pool(ray_cluster):
     from rgdm.data.qm9 import load_qm9
 
     batch = load_qm9("test").batch(torch.arange(20))
-    on_ray = make_reward({"name": "xtb_gap", "backend": "ray", "workers": 2, "timeout": 60})
-    in_pool = make_reward({"name": "xtb_gap", "backend": "process", "workers": 2, "timeout": 60})
+    on_ray = make_reward({"name": "xtb_gap", "backend": "ray", "workers": 2, "timeout": 60, "relax": "none"})
+    in_pool = make_reward({"name": "xtb_gap", "backend": "process", "workers": 2, "timeout": 60, "relax": "none"})
     try:
         ray_result, pool_result = on_ray(batch), in_pool(batch)
     finally:

@@ -231,9 +231,13 @@ def format_evaluation(edm: dict[str, Any], strict: dict[str, Any]) -> str:
     """EDM's row and the strict row as plain text for a terminal, disagreements warned about last."""
     n = int(edm.get("n_molecules", strict.get("n_molecules", 0)))
 
+    # Uniqueness is a fraction of the valid molecules, novelty of the distinct valid ones.
+    denominators = {"uniqueness": round(edm.get("validity", 0.0) * n),
+                    "novelty": round(edm.get("valid_and_unique", 0.0) * n)}
+
     def edm_se(key: str) -> float | None:
-        value = edm.get(key)
-        return None if value is None else proportion(round(value * n), n)[1]
+        value, m = edm.get(key), denominators.get(key, n)
+        return None if value is None else proportion(round(value * m), m)[1]
 
     lines = [f"{n} molecules; percentages are mean ± standard error (binomial)", "",
              "EDM (Hoogeboom et al. 2022; validity = largest fragment sanitises):"]
