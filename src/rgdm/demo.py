@@ -3,8 +3,9 @@
 Loads the shipped pre-trained QM9 model (heavy atoms only), fine-tunes it with sequence-level RGDM toward a
 GFN2-xTB HOMO-LUMO gap target (a physics black box: hydrogens are placed by RDKit, the gap comes from
 tblite in worker processes, no gradient anywhere), then samples 200 molecules before and after under
-identical conditions and writes ``runs/demo/report.md`` with the table, histograms, training curves and
-3D renders.
+identical conditions (the same seeds) and writes ``runs/demo/report.md`` and a self-contained
+``runs/demo/report.html``: the reward formula with units, the table (mean ± s.e., EDM's and the strict
+metrics), a sentence on significance, histograms, training curves and paired 3D renders.
 """
 
 from __future__ import annotations

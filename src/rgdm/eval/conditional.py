@@ -372,8 +372,11 @@ def xtb_reward_config(prop: str, workers: int = 1, timeout: float = 60.0, relax:
             "relax": relax}
 
 
-def xtb_values(batches_or_molecules: Any, prop: str, workers: int = 1) -> tuple[Tensor, Tensor]:
-    """GFN2-xTB values (NaN where xTB or RDKit fails) and the valid mask, via worker processes."""
+def xtb_values(batches_or_molecules: Any, prop: str, workers: int = 1, relax: str = "none") -> tuple[Tensor, Tensor]:
+    """GFN2-xTB values (NaN where xTB or RDKit fails) and the valid mask, via worker processes.
+
+    ``relax`` ("none", "mmff" or "xtb") chooses the geometry the property is measured at.
+    """
     from rgdm.rewards import make_reward
 
     if isinstance(batches_or_molecules, Sequence) and batches_or_molecules and \
@@ -383,7 +386,7 @@ def xtb_values(batches_or_molecules: Any, prop: str, workers: int = 1) -> tuple[
         molecules = list(batches_or_molecules)
     if not molecules:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
-    with make_reward(xtb_reward_config(prop, workers)) as reward:
+    with make_reward(xtb_reward_config(prop, workers, relax=relax)) as reward:
         result = reward(molecules)
     values = result.info["property"].double()
     return torch.where(result.valid, values, torch.full_like(values, math.nan)), result.valid.clone()
