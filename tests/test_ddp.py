@@ -143,7 +143,7 @@ def test_finetune_cli_under_torchrun_matches_single_process(tmp_path, tiny_pretr
     from rgdm import cli
 
     args = ["finetune", "--from", str(tiny_pretrained), "--reward", "qed", "--name", "ft", "--compare", "0",
-            "--set", "rgdm.batch_size=5", "--set", "rgdm.sampling_steps=6", "--set", "rgdm.num_candidates=3",
+            "--set", "rgdm.batch_size=5", "--set", "rgdm.sampling_steps=6", "--set", "rgdm.num_candidates=4",
             "--set", "rgdm.explore_steps=1", "--set", "train.steps=2", "--set", "train.num_threads=1",
             "--set", "eval_samples=0"]
     (tmp_path / "ddp").mkdir()

@@ -1,62 +1,197 @@
-"""DESIGN §2's closed-form check: data N(0, I), reward a^T x; the pay-off distribution is N(a/tau, I).
+"""DESIGN §2's closed-form check, made strict: RGDM must recover the pay-off pi_ref · exp(r / tau).
 
-Fine-tuning the exact reference model with RGDM (either variant) must move the sample mean to
-a/tau and keep the covariance near the identity.
+The reference is the exact denoiser of N(0, I_d) (``rgdm.diffusion.analytic``), whose fine-tunable
+family holds every isotropic Gaussian, and whose samples' distribution is computed exactly
+(``exact_moments``): no sampling noise enters the comparison. Two rewards:
+
+* linear r = a^T x: the pay-off is the reference shifted by C0 a / tau (N(a / tau, I) for N(0, I));
+* quadratic r = -b |x - c|^2: the pay-off is shifted *and shrunk* (variance 1 / (1 + 2 b / tau)), so
+  a method that only moves the mean cannot pass.
+
+Both variants are fine-tuned from three seeds; the *worst* seed must land within 5 % of the closed
+form, in mean and covariance, in d = 2 and in d = 6. Negative controls break the mechanism (drop the
+importance correction) and must miss.
 """
+
+from __future__ import annotations
 
 import pytest
 import torch
 
 from rgdm.config import RGDMConfig, TrainConfig
-from rgdm.diffusion.analytic import standard_gaussian_diffusion
+from rgdm.diffusion.analytic import exact_moments, gaussian_payoff, relative_errors, standard_gaussian_diffusion
 from rgdm.training.loop import Trainer
-from rgdm.training.rgdm import RGDMObjective, effective_sample_size, explore_sample, temperature_for_ess
-from rgdm.training.tasks import GaussianTask
+from rgdm.training.rgdm import (
+    Exploration,
+    RewardNormalizer,
+    RGDMObjective,
+    effective_sample_size,
+    explore_sample,
+    temperature_for_ess,
+    truncate_weights,
+)
+from rgdm.training.rollouts import Trajectories
+from rgdm.training.tasks import Conditions, GaussianTask
 
-A = torch.tensor([1.0, -0.6])
+SEEDS = (0, 1, 2)
+TOLERANCE = 0.05
 TAU = 1.0
+SAMPLING_STEPS = 50
 
 
-def linear_reward(x):
-    return x @ A
+@pytest.fixture(autouse=True)
+def single_thread():
+    """The test bed's tensors are [batch, d]: extra threads only add synchronisation overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def finetune(tmp_path, variant: str, steps: int, **overrides):
-    torch.manual_seed(0)
-    model = standard_gaussian_diffusion(dim=2, timesteps=200)
-    config = RGDMConfig(variant=variant, batch_size=64, sampling_steps=0, num_candidates=16, explore_steps=8,
-                        tau=TAU, normalize_rewards=False, **overrides)
+def closed_form_reward(reward: str, dim: int):
+    """The reward function and its parameters; directions fixed per dimension, not per seed."""
+    direction = torch.randn(dim, generator=torch.Generator().manual_seed(1000 + dim))
+    direction = direction / direction.norm()
+    if reward == "linear":
+        a = 1.2 * direction
+        return (lambda x: x @ a), {"a": a}
+    b, c = 0.5, 1.5 * direction
+    return (lambda x: -b * ((x - c) ** 2).sum(-1)), {"b": b, "c": c}
+
+
+def settings(variant: str, reward: str) -> tuple[dict, float]:
+    """RGDM settings and the optimiser's learning rate of one closed-form case.
+
+    The step variant regresses onto weighted candidate means, a low-noise target (lr 0.05); a quadratic
+    reward's soft value is not the reward of the Tweedie estimate, so there it is estimated by M = 2
+    stochastic continuations on the roll-outs' own grid, whose noisy values call for the jackknife's
+    bias correction and a larger batch. The sequence variant's path likelihood is noisier (lr 0.03).
+    """
+    if variant == "sequence":
+        return {"batch_size": 64}, 0.03
+    if reward == "linear":
+        return {"batch_size": 64, "num_candidates": 16, "explore_steps": 8, "shift": "random"}, 0.05
+    return {"batch_size": 128, "num_candidates": 8, "explore_steps": 4, "shift": "random", "lookahead": "continuation",
+            "lookahead_steps": 0, "lookahead_samples": 2, "weight_normalisation": "jackknife"}, 0.05
+
+
+def finetune_errors(tmp_path, variant: str, reward: str, dim: int, seed: int, steps: int = 100,
+                    **overrides) -> tuple[float, float, RGDMObjective]:
+    """Fine-tune the exact N(0, I) model; relative errors of the exact result's mean and covariance."""
+    torch.manual_seed(seed)
+    model = standard_gaussian_diffusion(dim=dim, timesteps=200)
+    reward_fn, params = closed_form_reward(reward, dim)
+    target_mean, target_cov = gaussian_payoff(*exact_moments(model, SAMPLING_STEPS), reward, TAU, **params)
+    case, lr = settings(variant, reward)
+    config = RGDMConfig(variant=variant, sampling_steps=SAMPLING_STEPS, tau=TAU, normalize_rewards=False,
+                        **{**case, **overrides})
     config.validate()
-    objective = RGDMObjective(model, GaussianTask(2, linear_reward), config, seed=0)
-    train = TrainConfig(steps=steps, lr=0.05, ema_decay=0.0, grad_clip=0.0, log_every=10, val_every=1000,
+    objective = RGDMObjective(model, GaussianTask(dim, reward_fn), config, seed=seed)
+    train = TrainConfig(steps=steps, lr=lr, ema_decay=0.95, grad_clip=0.0, log_every=50, val_every=10_000,
                         checkpoint_every=10_000)
-    trainer = Trainer(model, objective, train, tmp_path, {"config": {}}, tensorboard=False, progress=False)
+    trainer = Trainer(model, objective, train, tmp_path / f"seed{seed}", {"config": {}}, tensorboard=False,
+                      progress=False)
     trainer.fit()
-    samples = model.sample((8000, 2), generator=torch.Generator().manual_seed(1))
-    return samples.mean(0), torch.cov(samples.T), objective
+    mean, cov = exact_moments(trainer.sampling_model, SAMPLING_STEPS)
+    mean_error, cov_error = relative_errors(mean, cov, target_mean, target_cov)
+    return mean_error, cov_error, objective
 
 
-def test_reference_model_samples_standard_gaussian():
-    model = standard_gaussian_diffusion(dim=2, timesteps=200)
-    samples = model.sample((8000, 2), generator=torch.Generator().manual_seed(0))
-    assert samples.mean(0).abs().max() < 0.05
-    assert (torch.cov(samples.T) - torch.eye(2)).abs().max() < 0.08
+def worst_seed(tmp_path, variant: str, reward: str, dim: int, **overrides) -> tuple[float, float]:
+    """The largest mean and covariance errors over SEEDS (stops at the first seed that misses: the
+    worst seed cannot then pass, which is all a negative control needs to know)."""
+    worst = (0.0, 0.0)
+    for seed in SEEDS:
+        mean_error, cov_error, _ = finetune_errors(tmp_path, variant, reward, dim, seed, **overrides)
+        worst = (max(worst[0], mean_error), max(worst[1], cov_error))
+        if max(worst) >= TOLERANCE:
+            break
+    return worst
 
 
-@pytest.mark.parametrize("shift", ["random", "finite_difference"])
-def test_step_level_rgdm_reaches_payoff_mean(tmp_path, shift):
-    mean, cov, objective = finetune(tmp_path, "step", steps=120, shift=shift)
-    target = A / TAU
-    assert (mean - target).norm() < 0.1 * target.norm(), f"mean {mean} vs {target}"
-    assert (cov - torch.eye(2)).abs().max() < 0.15, f"covariance {cov}"
-    assert objective.reward_calls > 0
+@pytest.mark.parametrize("variant", ["step", "sequence"])
+@pytest.mark.parametrize(("reward", "dim"), [("linear", 2), ("quadratic", 2), ("linear", 6), ("quadratic", 6)])
+def test_rgdm_recovers_the_payoff_distribution(tmp_path, variant, reward, dim):
+    mean_error, cov_error = worst_seed(tmp_path, variant, reward, dim)
+    assert mean_error < TOLERANCE, f"worst seed's mean is {mean_error:.1%} off the pay-off mean"
+    assert cov_error < TOLERANCE, f"worst seed's covariance is {cov_error:.1%} off the pay-off covariance"
 
 
-def test_sequence_level_rgdm_reaches_payoff_mean(tmp_path):
-    mean, cov, _ = finetune(tmp_path, "sequence", steps=200)
-    target = A / TAU
-    assert (mean - target).norm() < 0.1 * target.norm(), f"mean {mean} vs {target}"
-    assert (cov - torch.eye(2)).abs().max() < 0.15, f"covariance {cov}"
+def test_step_level_fails_without_the_proposal_correction(tmp_path, monkeypatch):
+    """Negative control: candidates from the shifted mixture weighted as if drawn from pi_ref.
+
+    The mixture is wider than the reference step, so the tilt overshoots; the same check must fail.
+    """
+    monkeypatch.setattr(RGDMObjective, "_log_proposal_ratio",
+                        lambda self, candidates, *args: torch.zeros(candidates.shape[:2]))
+    mean_error, cov_error = worst_seed(tmp_path, "step", "linear", 2)
+    assert max(mean_error, cov_error) > TOLERANCE, (mean_error, cov_error)
+
+
+def test_sequence_level_fails_without_the_reference_ratio(tmp_path, monkeypatch):
+    """Negative control: without pi_ref / pi_theta the weights re-tilt the current model on every
+    iteration (plain reward-weighted regression), which runs past the pay-off."""
+    monkeypatch.setattr(Trajectories, "log_ratio_to_reference", property(lambda self: torch.zeros(self.x0.shape[0])))
+    mean_error, cov_error = worst_seed(tmp_path, "sequence", "linear", 2)
+    assert max(mean_error, cov_error) > TOLERANCE, (mean_error, cov_error)
+
+
+def test_truncation_caps_weights_relative_to_the_batch():
+    """Ionides' truncation: no normalised weight above 1/sqrt(N) before renormalising, order kept,
+    uniform weights untouched, and a drifted batch (log-ratios all far from 0) treated as the same batch."""
+    log_w = torch.tensor([8.0, 2.0, 1.0, 0.0, 0.0, -1.0, -3.0, -9.0, 0.5])
+    truncated = truncate_weights(torch.softmax(log_w, 0))
+    assert torch.isclose(truncated.sum(), torch.tensor(1.0))
+    assert truncated.max() < torch.softmax(log_w, 0).max()
+    assert torch.equal(truncated.argsort(), torch.softmax(log_w, 0).argsort())
+    uniform = torch.full((16,), 1 / 16)
+    assert torch.allclose(truncate_weights(uniform), uniform)
+    shifted = truncate_weights(torch.softmax(log_w + 1e3, 0))  # relative: a constant drift changes nothing
+    assert torch.allclose(shifted, truncated)
+
+
+def test_sequence_weights_normalise_each_row_by_its_own_target():
+    """Per-sample targets: every row is normalised in its own target's bucket (not row 0's)."""
+    model = standard_gaussian_diffusion(dim=2, timesteps=20)
+    config = RGDMConfig(variant="sequence", normalize_rewards=True, normalizer_min_count=4)
+    objective = RGDMObjective(model, GaussianTask(2, lambda x: x.sum(-1)), config)
+    objective.normalizer.update(torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.zeros(4))  # target 0: mean 1.5
+    objective.normalizer.update(torch.tensor([10.0, 11.0, 12.0, 13.0]), torch.full((4,), 5.0))  # target 5: 11.5
+    values = torch.tensor([[1.5, 11.5]])
+    weights, _ = objective._weights(values, torch.zeros(1, 2), torch.tensor([[0.0, 5.0]]))
+    # Both rows sit at their own bucket's mean: equal weights (with row 0's bucket: 11.5 would dominate).
+    assert torch.allclose(weights, torch.full((1, 2), 0.5), atol=0.02), weights
+
+
+def test_normaliser_is_fitted_on_what_is_weighted():
+    """An invalid sample's fixed penalty stays a moderate z-score: the normaliser sees the penalties."""
+    valid_rewards = torch.linspace(0.4, 0.6, 24)
+    penalty = torch.full((8,), -1.0)
+    values = torch.cat([valid_rewards, penalty]).unsqueeze(0)
+    model = standard_gaussian_diffusion(dim=2, timesteps=20)
+    objective = RGDMObjective(model, GaussianTask(2, lambda x: x.sum(-1)),
+                              RGDMConfig(variant="sequence", normalize_rewards=True, normalizer_min_count=4))
+    objective._weights(values, torch.zeros_like(values), None)
+    z_penalty = objective.normalizer.normalize(torch.tensor([-1.0]), None).item()
+    assert -3.0 < z_penalty < -1.0, z_penalty
+    # The old fit on valid rewards only would have put the penalty ~25 standard deviations down.
+    valid_only = RewardNormalizer(min_count=4)
+    valid_only.update(valid_rewards, None)
+    assert valid_only.normalize(torch.tensor([-1.0]), None).item() < -20
+
+
+def test_kl_term_is_on_the_regression_scale():
+    """kl_weight trades KL against the regression in one unit: with one candidate at the reference
+    mean and weight 1, the regression term *is* the KL term."""
+    model = standard_gaussian_diffusion(dim=2, timesteps=20)
+    objective = RGDMObjective(model, GaussianTask(2, lambda x: x.sum(-1)), RGDMConfig(control_variate=False))
+    mean, reference_mean = torch.randn(4, 2), torch.randn(4, 2)
+    scale = torch.tensor([0.1, 0.5, 1.0, 3.0])
+    kl = objective._kl_to_reference(model, mean, reference_mean, scale, None)
+    exploration = Exploration(reference_mean[:, None], torch.zeros(4, 1, 2), torch.zeros(4, 1), torch.zeros(4, 1),
+                              torch.ones(4, 1, dtype=torch.bool), 0)
+    regression = objective._regression_loss(model, mean, scale, exploration, torch.ones(4, 1), Conditions((4, 2)))
+    assert torch.allclose(kl, regression)
 
 
 def test_temperature_search_hits_target_ess():
@@ -71,10 +206,11 @@ def test_exploration_at_sampling_time_tilts_the_reference_model():
     pre-trained N(0, I) model's samples to the pay-off mean a/tau (the per-step pay-off with the
     exact Tweedie look-ahead of this model; K = 16 candidates leave a small bias)."""
     model = standard_gaussian_diffusion(dim=2, timesteps=200)
+    a = torch.tensor([1.0, -0.6])
     config = RGDMConfig(sampling_steps=50, num_candidates=16, tau=TAU, normalize_rewards=False)
-    samples, _, calls = explore_sample(model, GaussianTask(2, linear_reward), config, 2000,
+    samples, _, calls = explore_sample(model, GaussianTask(2, lambda x: x @ a), config, 2000,
                                        torch.Generator().manual_seed(0))
-    target = A / TAU
+    target = a / TAU
     assert (samples.mean(0) - target).norm() < 0.15 * target.norm(), samples.mean(0)
     assert (torch.cov(samples.T) - torch.eye(2)).abs().max() < 0.15
     assert calls == 2000 * 16 * 50

@@ -161,7 +161,7 @@ def _toy_task(model):
 
 def test_rgdm_and_ddpo_losses_train_a_point_cloud_model():
     for make_objective in (
-        lambda m, task: RGDMObjective(m, task, RGDMConfig(batch_size=2, sampling_steps=4, num_candidates=3,
+        lambda m, task: RGDMObjective(m, task, RGDMConfig(batch_size=2, sampling_steps=4, num_candidates=4,
                                                           explore_steps=2)),
         lambda m, task: DDPOObjective(m, task, DDPOConfig(batch_size=4, sampling_steps=4)),
     ):

@@ -139,11 +139,14 @@ class RGDMConfig:
     explore_steps: int = 4  # explored states per roll-out per iteration (step variant)
     shift: str = "random"  # feasible shifts: "none", "random", "best_probe", "finite_difference"
     radius: float = 0.5  # exploration radius rho
-    radius_units: str = "std"  # "std": |delta| <= rho * step std; "absolute": |delta| <= rho
+    radius_units: str = "std"  # unit of rho: "std" (step std), "noise_norm" (std * sqrt(dof)) or "absolute"
     num_probes: int = 8  # probe directions for best_probe / finite_difference shifts
     fd_jitter: float = 0.5  # finite_difference: random jitter added to the estimated ascent direction
-    lookahead: str = "tweedie"  # V(z_s): "tweedie" (reference x0 estimate) or "rollout" (DDIM to 0)
-    lookahead_steps: int = 5  # steps of the "rollout" look-ahead
+    lookahead: str = "tweedie"  # V(z_s): "tweedie" (x0 estimate), "rollout" (DDIM to 0), "continuation" (M samples)
+    lookahead_steps: int = 5  # steps of the "rollout" / "continuation" look-ahead; 0 = the roll-outs' own grid
+    lookahead_samples: int = 4  # M continuations per candidate ("continuation" only)
+    antithetic: bool = True  # candidates in pairs mu + delta ± std * eps (K even): no first-order 1/K bias
+    weight_normalisation: str = "self"  # step variant: "self" (softmax over K) or "jackknife" (1/K bias removed)
     tau: float = 1.0  # temperature of the pay-off distribution exp(r / tau)
     adapt_tau: bool = False  # choose tau per state so that ESS = target_ess * K (or * batch)
     target_ess: float = 0.5
@@ -155,25 +158,35 @@ class RGDMConfig:
     lambda_mle: float = 0.0  # weight of the denoising loss on data (keeps samples chemically sane)
     mle_batch_size: int = 32
     kl_weight: float = 0.0  # optional KL(pi_theta || pi_ref) per explored step
-    max_log_ratio: float = 5.0  # sequence variant: clip of log pi_ref(traj) / pi_theta(traj)
-    denoising_repeats: int = 4  # sequence variant: noise levels per sample in the weighted loss
+    truncate_weights: bool = True  # sequence variant: cap weights at sqrt(N) x their mean (Ionides 2008)
+    sequence_loss: str = "path"  # sequence variant: "path" (log-lik. of the paths' steps, exact) or "denoising"
+    path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
+    denoising_repeats: int = 4  # sequence variant, "denoising": noise levels per sample in the weighted loss
 
     def validate(self) -> None:
         _check_choice("rgdm.variant", self.variant, ("step", "sequence"))
         _check_choice("rgdm.shift", self.shift, ("none", "random", "best_probe", "finite_difference"))
-        _check_choice("rgdm.radius_units", self.radius_units, ("std", "absolute"))
-        _check_choice("rgdm.lookahead", self.lookahead, ("tweedie", "rollout"))
+        _check_choice("rgdm.radius_units", self.radius_units, ("std", "noise_norm", "absolute"))
+        _check_choice("rgdm.lookahead", self.lookahead, ("tweedie", "rollout", "continuation"))
         _check_choice("rgdm.loss_weighting", self.loss_weighting, ("epsilon", "likelihood"))
-        for key in ("batch_size", "num_candidates", "explore_steps", "num_probes", "lookahead_steps",
-                    "normalizer_buffer", "normalizer_min_count", "mle_batch_size", "denoising_repeats"):
+        _check_choice("rgdm.sequence_loss", self.sequence_loss, ("path", "denoising"))
+        _check_choice("rgdm.weight_normalisation", self.weight_normalisation, ("self", "jackknife"))
+        _check_range("rgdm.path_steps", self.path_steps, low=0)
+        _check_range("rgdm.lookahead_steps", self.lookahead_steps, low=0)
+        for key in ("batch_size", "num_candidates", "explore_steps", "num_probes",
+                    "lookahead_samples", "normalizer_buffer", "normalizer_min_count", "mle_batch_size",
+                    "denoising_repeats"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=1)
         _check_range("rgdm.sampling_steps", self.sampling_steps, low=0)
         _check_range("rgdm.eta", self.eta, low=1e-6, high=1.0)
         _check_range("rgdm.radius", self.radius, low=0.0)
         _check_range("rgdm.tau", self.tau, low=1e-6)
         _check_range("rgdm.target_ess", self.target_ess, low=1e-3, high=1.0)
-        for key in ("lambda_mle", "kl_weight", "max_log_ratio", "fd_jitter"):
+        for key in ("lambda_mle", "kl_weight", "fd_jitter"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=0.0)
+        if self.variant == "step" and self.antithetic and self.num_candidates % 2:
+            raise ConfigError(f"rgdm.num_candidates: antithetic candidates come in pairs, {self.num_candidates} is odd "
+                              "(use an even number or antithetic: false)")
         if self.shift == "best_probe" and self.num_probes < self.num_candidates - 1:
             raise ConfigError("rgdm.num_probes: best_probe needs at least num_candidates - 1 probes")
 
@@ -241,7 +254,7 @@ class RWRConfig:
     normalize_rewards: bool = False  # per-target running mean/std before weighting
     normalizer_buffer: int = 512
     normalizer_min_count: int = 16
-    max_log_ratio: float = 5.0  # "importance_ratio": clip of log pi_ref(traj) / pi_theta(traj)
+    truncate_weights: bool = True  # "importance_ratio": cap weights at sqrt(N) x their mean (Ionides 2008)
     denoising_repeats: int = 4  # noise levels per sample in the weighted denoising loss
     lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
     mle_batch_size: int = 64  # molecules per data batch of that loss
@@ -252,7 +265,7 @@ class RWRConfig:
             _check_range(f"rwr.{key}", getattr(self, key), low=1)
         _check_range("rwr.sampling_steps", self.sampling_steps, low=0)
         _check_range("rwr.eta", self.eta, low=1e-6 if self.variant == "importance_ratio" else 0.0, high=1.0)
-        for key in ("beta", "max_log_ratio", "lambda_mle"):
+        for key in ("beta", "lambda_mle"):
             _check_range(f"rwr.{key}", getattr(self, key), low=0.0)
 
 
@@ -328,6 +341,13 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
+# Keys of earlier versions, with what replaced them (a config that still has one is refused, not ignored).
+REMOVED_KEYS = {
+    "max_log_ratio": "importance weights are now truncated relative to the batch (truncate_weights, "
+                     "docs/rgdm.md); an absolute clip of the log-ratio turned the objective into plain RWR",
+}
+
+
 def from_dict(cls: type, values: dict[str, Any] | None, path: str = "") -> Any:
     """Build dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types."""
     values = {} if values is None else values
@@ -338,6 +358,8 @@ def from_dict(cls: type, values: dict[str, Any] | None, path: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         where = f"{path}.{key}" if path else str(key)
+        if key not in fields and key in REMOVED_KEYS:
+            raise ConfigError(f"{where}: removed; {REMOVED_KEYS[key]}")
         if key not in fields:
             raise ConfigError(f"{where}: unknown key{_did_you_mean(str(key), fields)}")
         kwargs[key] = _coerce(hints[key], value, where)

@@ -35,7 +35,7 @@ from torch import Tensor
 from rgdm import distributed
 from rgdm.config import RGDMConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
-from rgdm.training.rollouts import collect_trajectories, weighted_denoising_loss
+from rgdm.training.rollouts import Trajectories, collect_trajectories, weighted_denoising_loss
 from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
 
 # ------------------------------------------------------------------------------------------------- #
@@ -95,21 +95,73 @@ def effective_sample_size(log_weights: Tensor) -> Tensor:
     return 1.0 / (w**2).sum(-1)
 
 
+def payoff_log_weights(values: Tensor, tau: Tensor, log_base: Tensor) -> Tensor:
+    """Unnormalised log-weights log exp(V/tau) + log_base of candidates, [..., K].
+
+    ``values`` is [..., K] (one value per candidate) or [..., K, M]: M look-ahead samples per
+    candidate, whose exp(r/tau) are averaged (an unbiased estimate of exp(V/tau) for the soft value
+    V = tau log E[exp(r/tau)]). ``tau`` is [...] (one temperature per row).
+    """
+    tau = tau.view(*tau.shape, *([1] * (values.dim() - tau.dim())))
+    scaled = values / tau
+    if values.dim() == log_base.dim() + 1:
+        scaled = torch.logsumexp(scaled, dim=-1) - math.log(values.shape[-1])
+    return scaled + log_base
+
+
 def temperature_for_ess(values: Tensor, log_base: Tensor, target_ess: float, low: float = 1e-3,
                         high: float = 1e3, iterations: int = 30) -> Tensor:
-    """Per-row tau such that ESS of softmax(values/tau + log_base) ≈ target_ess (bisection in log tau).
+    """Per-row tau such that ESS of the pay-off weights ≈ target_ess (bisection in log tau).
 
     Higher tau flattens the weights (ESS grows), so ESS is monotone in tau for fixed log_base.
+    ``values`` is [..., K] or [..., K, M] as in ``payoff_log_weights``.
     """
-    lo = torch.full(values.shape[:-1], math.log(low), dtype=values.dtype)
-    hi = torch.full(values.shape[:-1], math.log(high), dtype=values.dtype)
+    rows = log_base.shape[:-1]
+    lo = torch.full(rows, math.log(low), dtype=values.dtype)
+    hi = torch.full(rows, math.log(high), dtype=values.dtype)
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        ess = effective_sample_size(values / mid.exp().unsqueeze(-1) + log_base)
+        ess = effective_sample_size(payoff_log_weights(values, mid.exp(), log_base))
         too_peaked = ess < target_ess
         lo = torch.where(too_peaked, mid, lo)
         hi = torch.where(too_peaked, hi, mid)
     return ((lo + hi) / 2).exp()
+
+
+def jackknife_weights(log_weights: Tensor, groups: int) -> Tensor:
+    """Self-normalised weights with the jackknife's bias correction, along the last dimension.
+
+    The self-normalised estimate R = Σ f_k y_k / Σ f_k of a pay-off mean is biased by O(1/K): each f_k
+    also sits in its own normaliser, and noisy values f (Monte Carlo look-aheads) make it worse. The
+    jackknife over G = ``groups`` groups of candidates (antithetic pairs stay together),
+
+        R_J = G · R - (G - 1) / G · Σ_g R_{-g},      R_{-g}: the estimate without group g,
+
+    cancels the 1/K term (Quenouille; bias O(1/K^2)). R_J is linear in the y_k, so it is a weighted
+    mean whose weights sum to one; a few can be slightly negative.
+    """
+    k = log_weights.shape[-1]
+    f = torch.exp(log_weights - log_weights.amax(-1, keepdim=True))
+    total = f.sum(-1, keepdim=True)
+    group_sums = f.view(*f.shape[:-1], groups, k // groups).sum(-1)  # [..., G]
+    without = (total - group_sums).clamp(min=1e-30)  # normaliser of R_{-g}
+    own = without.repeat_interleave(k // groups, dim=-1)  # [..., K]: the normaliser that drops k's own group
+    sum_over_other_groups = (1.0 / without).sum(-1, keepdim=True) - 1.0 / own
+    return groups * f / total - (groups - 1) / groups * f * sum_over_other_groups
+
+
+def truncate_weights(weights: Tensor) -> Tensor:
+    """Truncated importance sampling (Ionides 2008): cap normalised weights at sqrt(N) times their
+    mean, 1 / sqrt(N), then renormalise, along the last dimension.
+
+    The cap is relative to the batch, so it bounds the variance whatever the policy's drift, and it
+    leaves uniform weights (the fixed point, where the policy equals the pay-off) untouched. An
+    absolute clip of log pi_ref / pi_theta would instead erase the reference correction once the
+    policy drifts, and the objective would silently become reward-weighted regression.
+    """
+    cap = weights.shape[-1] ** -0.5
+    capped = weights.clamp(max=cap)
+    return capped / capped.sum(-1, keepdim=True)
 
 
 # ------------------------------------------------------------------------------------------------- #
@@ -131,9 +183,10 @@ class Exploration:
     candidates: Tensor  # [B, K, ...]
     perturbations: Tensor  # [B, K, ...]: the Gaussian part std * eps_k of each candidate
     log_proposal_ratio: Tensor  # [B, K]: log pi_ref(z^k) - log q_prop(z^k)
-    values: Tensor  # [B, K] look-ahead rewards (raw)
-    valid: Tensor  # [B, K]
+    values: Tensor  # [B, K] look-ahead rewards (raw), or [B, K, M] with M continuations per candidate
+    valid: Tensor  # same shape as values
     reward_calls: int
+    reference_mean: Tensor | None = None  # [B, ...] mu_ref of the explored step (None: the weighted mean alone)
 
 
 class RGDMObjective:
@@ -146,6 +199,7 @@ class RGDMObjective:
     """
 
     def __init__(self, model: GaussianDiffusion, task: Task, config: RGDMConfig, seed: int = 0):
+        config.validate()
         self.config = config
         self.task = task
         self.name = f"rgdm-{config.variant}"
@@ -165,55 +219,105 @@ class RGDMObjective:
     # -- look-ahead ------------------------------------------------------------------------ #
 
     @torch.no_grad()
-    def lookahead(self, z_s: Tensor, s_int: int, cond: Conditions) -> Scores:
-        """V(z_s): the reward of the reference model's estimate of x_0 from z_s."""
-        ref = self.reference
-        n = z_s.shape[0]
-        if self.config.lookahead == "tweedie" or s_int == 0:
-            x0 = ref.predict_x0(z_s, torch.full((n,), s_int, dtype=torch.long), cond.node_mask, cond.context)
-        else:
-            # Short deterministic (DDIM, eta = 0) roll-out of the reference model from s to 0.
-            steps = sorted({round(v) for v in torch.linspace(0, s_int, self.config.lookahead_steps + 1).tolist()},
-                           reverse=True)
+    def lookahead(self, z_s: Tensor, s_int: int, cond: Conditions, shard: BatchShard | None = None,
+                  repeats: int = 1, generator=None) -> tuple[Tensor, Tensor]:
+        """V(z_s) of ``z_s`` (this rank's rows of ``shard``, each repeated ``repeats`` times): raw
+        rewards and validity, [n] for "tweedie"/"rollout", [n, M] for M "continuation" samples.
+
+        * ``tweedie``: the reward of the reference model's one-shot estimate of x_0 from z_s;
+        * ``rollout``: the reward after a short deterministic (DDIM, eta = 0) roll-out of the reference;
+        * ``continuation``: the rewards of M stochastic roll-outs of the reference from z_s to 0, whose
+          mean exp(r / tau) estimates exp(V / tau) of the exact soft value without bias.
+        """
+        cfg, ref, n = self.config, self.reference, z_s.shape[0]
+        if cfg.lookahead == "continuation" and s_int > 0:
+            m = cfg.lookahead_samples
+            cond_m = cond.repeat(m)
+            z = z_s.repeat_interleave(m, dim=0)
+            for a, b in zip(*self._continuation_pairs(s_int)):
+                t, s = self._times(a, b, n * m)
+                noise = (shard.noise(ref, generator, repeats * m) if shard is not None
+                         else ref.noise(z, cond_m.node_mask, generator))
+                z = ref.step(z, t, s, cond_m.node_mask, cond_m.context, eta=cfg.eta, noise=noise).sample
+            scores = self._score(z, cond_m)
+            return scores.values.view(n, m), scores.valid.view(n, m)
+        if cfg.lookahead == "rollout" and s_int > 0:
             z = z_s
-            for a, b in zip(steps[:-1], steps[1:]):
+            for a, b in zip(*self._continuation_pairs(s_int)):
                 t, s = self._times(a, b, n)
                 z = ref.step(z, t, s, cond.node_mask, cond.context, eta=0.0).sample
-            x0 = ref.predict_x0(z, torch.zeros(n, dtype=torch.long), cond.node_mask, cond.context)
-        x0 = ref.project(x0, cond.node_mask)
-        scores = self.task.score(x0, cond)
+            scores = self._score(z, cond)
+        else:
+            scores = self._score(z_s, cond, t_int=s_int)
+        return scores.values, scores.valid
+
+    def _continuation_pairs(self, s_int: int) -> tuple[list[int], list[int]]:
+        """The (from, to) times of a look-ahead roll-out from s to 0: ``lookahead_steps`` even steps, or
+        (0) the roll-outs' own time grid, whose reference chain the soft value is exactly defined on."""
+        if self.config.lookahead_steps == 0:
+            steps = [t for t in self._grid(self.reference) if t <= s_int]
+        else:
+            steps = sorted({round(v) for v in torch.linspace(0, s_int, self.config.lookahead_steps + 1).tolist()},
+                           reverse=True)
+        return steps[:-1], steps[1:]
+
+    def _score(self, z: Tensor, cond: Conditions, t_int: int = 0) -> Scores:
+        """The reward of the reference model's estimate of x_0 from z at time ``t_int``."""
+        ref, n = self.reference, z.shape[0]
+        x0 = ref.project(ref.predict_x0(z, torch.full((n,), t_int, dtype=torch.long), cond.node_mask, cond.context),
+                         cond.node_mask)
         self._local_calls += n
-        return scores
+        return self.task.score(x0, cond)
 
     # -- exploration ----------------------------------------------------------------------- #
 
     @torch.no_grad()
     def explore(self, z_t: Tensor, t_int: int, s_int: int, shard: BatchShard, generator=None) -> Exploration:
-        """K candidates of the step t -> s from the reference policy with feasible shifts (this rank's rows)."""
+        """K candidates of the step t -> s from the reference policy with feasible shifts (this rank's rows).
+
+        With ``antithetic`` the candidates come in pairs mu_ref + delta_j ± std · eps_j: the pair's
+        Gaussian parts cancel in the normaliser of the self-normalised weights, which removes the
+        first-order (1/K) bias of the weighted mean of a small tilt.
+        """
         cfg, ref, cond = self.config, self.reference, shard.conditions
         b, k = z_t.shape[0], cfg.num_candidates
+        pairs = 2 if cfg.antithetic else 1
         t, s = self._times(t_int, s_int, b)
         mean, std = ref.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
-        radius = cfg.radius * (std if cfg.radius_units == "std" else torch.ones_like(std))  # [B]
-        shifts = self._shifts(mean, std, radius, s_int, shard, generator)  # [B, K, ...], shift 0 is zero
+        radius = cfg.radius * self._radius_unit(mean, std, cond)  # [B]
+        shifts = self._shifts(mean, std, radius, s_int, shard, k // pairs, generator)  # [B, K / pairs, ...]
+        shifts = shifts.repeat_interleave(pairs, dim=1)  # shift 0 (the reference step) leads
         cond_k = cond.repeat(k)
         flat = lambda v: v.reshape(b * k, *v.shape[2:])  # noqa: E731
         mean_k = mean.unsqueeze(1).expand(b, k, *mean.shape[1:])
-        std_k = std.repeat_interleave(k)
-        noise = shard.noise(ref, generator, repeats=k)
-        candidates = flat(mean_k + shifts) + std_k.view(-1, *([1] * (noise.dim() - 1))) * noise
-        candidates = ref.project(candidates, cond_k.node_mask)
+        std_k = std.repeat_interleave(k).view(-1, *([1] * (mean.dim() - 1)))
+        noise = shard.noise(ref, generator, repeats=k // pairs)
+        if cfg.antithetic:
+            half = noise.view(b, k // 2, *noise.shape[1:])
+            noise = torch.stack([half, -half], dim=2).reshape(b * k, *noise.shape[1:])
+        candidates = ref.project(flat(mean_k + shifts) + std_k * noise, cond_k.node_mask)
         log_ratio = self._log_proposal_ratio(candidates.view(b, k, *mean.shape[1:]), mean, shifts, std,
                                              cond.node_mask)
-        scores = self.lookahead(candidates, s_int, cond_k)
-        perturbations = (std_k.view(-1, *([1] * (noise.dim() - 1))) * noise).view(b, k, *mean.shape[1:])
+        values, valid = self.lookahead(candidates, s_int, cond_k, shard, k, generator)
+        perturbations = (std_k * noise).view(b, k, *mean.shape[1:])
         return Exploration(candidates.view(b, k, *mean.shape[1:]), perturbations, log_ratio,
-                           scores.values.view(b, k), scores.valid.view(b, k), b * k)
+                           values.view(b, k, *values.shape[1:]), valid.view(b, k, *valid.shape[1:]),
+                           values.numel(), mean)
 
-    def _shifts(self, mean: Tensor, std: Tensor, radius: Tensor, s_int: int, shard: BatchShard,
+    def _radius_unit(self, mean: Tensor, std: Tensor, cond: Conditions) -> Tensor:
+        """The unit of the exploration radius per row: the step std, its norm over the state space
+        (std * sqrt(dof), the typical length of the step's noise), or 1."""
+        if self.config.radius_units == "std":
+            return std
+        if self.config.radius_units == "noise_norm":
+            return std * self.reference.dof(mean, cond.node_mask).sqrt()
+        return torch.ones_like(std)
+
+    def _shifts(self, mean: Tensor, std: Tensor, radius: Tensor, s_int: int, shard: BatchShard, k: int,
                 generator=None) -> Tensor:
+        """``k`` shifts per row, the first one zero (the reference step itself), [B, k, ...]."""
         cfg, ref, cond = self.config, self.reference, shard.conditions
-        b, k = mean.shape[0], cfg.num_candidates
+        b = mean.shape[0]
         shape = (b, k, *mean.shape[1:])
         if cfg.shift == "none" or k == 1:
             return torch.zeros(shape, dtype=mean.dtype)
@@ -226,12 +330,12 @@ class RGDMObjective:
         else:
             probes = ref.project((mean.unsqueeze(1) + rad * directions).reshape(b * n_dirs, *mean.shape[1:]),
                                  cond_d.node_mask)
-            probe_values = self.lookahead(probes, s_int, cond_d).values.view(b, n_dirs)
+            probe_values = self._point_values(probes, s_int, cond_d, shard, n_dirs, generator).view(b, n_dirs)
             if cfg.shift == "best_probe":
                 top = probe_values.topk(k - 1, dim=1).indices
                 chosen = torch.stack([directions[i, top[i]] for i in range(b)])
             else:  # finite_difference: the tilt std^2 * grad V / tau, estimated along the probes
-                base = self.lookahead(mean, s_int, cond).values
+                base = self._point_values(mean, s_int, cond, shard, 1, generator)
                 probe_v, base_v = self._scaled(probe_values, cond.targets), self._scaled(base[:, None], cond.targets)
                 slope = (probe_v - base_v) / radius.clamp(min=1e-12)[:, None]
                 # Unit probe directions in a space of dimension dof: E[u u^T] = I / dof.
@@ -248,12 +352,22 @@ class RGDMObjective:
         zero = torch.zeros((b, 1, *mean.shape[1:]), dtype=mean.dtype)
         return torch.cat([zero, rad * chosen], dim=1)
 
+    def _point_values(self, z_s: Tensor, s_int: int, cond: Conditions, shard: BatchShard, repeats: int,
+                      generator=None) -> Tensor:
+        """One raw value per state (the soft value of M continuations in raw units), for choosing shifts."""
+        values, _ = self.lookahead(z_s, s_int, cond, shard, repeats, generator)
+        if values.dim() == 1:
+            return values
+        return self.config.tau * (torch.logsumexp(values / self.config.tau, dim=-1) - math.log(values.shape[-1]))
+
     def _scaled(self, values: Tensor, targets: Tensor | None) -> Tensor:
-        """Rewards in the units the temperature applies to (normalised when configured)."""
+        """Rewards in the units the temperature applies to (normalised when configured).
+
+        ``targets`` holds one target per leading row of ``values`` (its shape is a prefix of theirs).
+        """
         if not self.config.normalize_rewards:
             return values
-        flat_targets = None if targets is None else targets.unsqueeze(-1).expand_as(values).reshape(-1)
-        return self.normalizer.normalize(values.reshape(-1), flat_targets).view_as(values)
+        return self.normalizer.normalize(values.reshape(-1), _per_value(targets, values)).view_as(values)
 
     def _tau_for_shift(self) -> float:
         return self.config.tau
@@ -293,24 +407,36 @@ class RGDMObjective:
         metrics.update(task_stats(self.task))
         return loss, metrics
 
-    def _weights(self, values: Tensor, valid: Tensor, log_base: Tensor,
-                 targets: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Self-normalised weights along the last dim and the temperature used, per row.
+    def _weights(self, values: Tensor, log_base: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Self-normalised pay-off weights along the candidates' dim and the temperature used, per row.
 
-        Called with the *global* batch's values on every rank, so that the normaliser's state and
-        the weights are identical across ranks (and to a single-process run).
+        ``values`` is [rows, K] or [rows, K, M] (M look-ahead samples), ``log_base`` [rows, K] and
+        ``targets`` [rows] or [rows, K]. The normaliser is fitted on every value that is weighted,
+        invalid samples' penalties included: fitted on valid ones only, a fixed penalty would become a
+        huge negative z-score, and the weights a validity filter at a far lower effective temperature.
+        Called with the *global* batch's values on every rank, so that the normaliser's state and the
+        weights are identical across ranks (and to a single-process run).
         """
         cfg = self.config
         if cfg.normalize_rewards:
-            flat_targets = None if targets is None else targets.unsqueeze(-1).expand_as(values).reshape(-1)
-            self.normalizer.update(values[valid], None if flat_targets is None else flat_targets[valid.reshape(-1)])
+            self.normalizer.update(values.reshape(-1), _per_value(targets, values))
         scaled = self._scaled(values, targets)
         if cfg.adapt_tau:
-            tau = temperature_for_ess(scaled, log_base, cfg.target_ess * values.shape[-1])
+            tau = temperature_for_ess(scaled, log_base, cfg.target_ess * log_base.shape[-1])
         else:
-            tau = torch.full(values.shape[:-1], cfg.tau, dtype=values.dtype)
-        log_w = scaled / tau.unsqueeze(-1) + log_base
-        return torch.softmax(log_w, dim=-1), tau
+            tau = torch.full(log_base.shape[:-1], cfg.tau, dtype=values.dtype)
+        log_weights = payoff_log_weights(scaled, tau, log_base)
+        groups = log_base.shape[-1] // (2 if cfg.antithetic else 1)
+        if cfg.weight_normalisation == "jackknife" and groups >= 2:
+            return jackknife_weights(log_weights, groups), tau
+        return torch.softmax(log_weights, dim=-1), tau
+
+    def _step_scale(self, model: GaussianDiffusion, std: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """The per-step scale of mean-space errors [B]: the step std (the likelihood's own) or the
+        step's sensitivity to the noise prediction (``epsilon``: the simple denoising loss's units)."""
+        if self.config.loss_weighting == "likelihood":
+            return std
+        return model.mean_sensitivity(t, s, self.config.eta).to(std.dtype)
 
     def _step_loss(self, model: GaussianDiffusion, shard: BatchShard, generator) -> tuple[Tensor, dict[str, float]]:
         cfg, cond = self.config, shard.conditions
@@ -325,27 +451,37 @@ class RGDMObjective:
             t_int, s_int = grid[idx], grid[idx + 1]
             z_t = traj.states[idx]
             exp = self.explore(z_t, t_int, s_int, shard, generator)
-            all_weights, tau = self._weights(shard.gather(exp.values), shard.gather(exp.valid),
-                                             shard.gather(exp.log_proposal_ratio), shard.global_conditions.targets)
+            all_weights, tau = self._weights(shard.gather(exp.values), shard.gather(exp.log_proposal_ratio),
+                                             shard.global_conditions.targets)
             weights = shard.local(all_weights)
             t, s = self._times(t_int, s_int, cond.batch_size)
             mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
-            step_loss = self._regression_loss(model, mean, std, exp, weights, t, s, cond).sum()
+            scale = self._step_scale(model, std, t, s)
+            step_loss = self._regression_loss(model, mean, scale, exp, weights, cond).sum()
             if cfg.kl_weight > 0:
                 ref_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
-                kl = 0.5 * model.sq_norm(mean - ref_mean, cond.node_mask) / std**2 / model.dof(z_t, cond.node_mask)
+                kl = self._kl_to_reference(model, mean, ref_mean, scale, cond.node_mask)
                 step_loss = step_loss + cfg.kl_weight * kl.sum()
             total = total + step_loss / shard.global_size / len(picks)  # this rank's share of the mean
-            ess_all.append(effective_sample_size(torch.log(all_weights.clamp(min=1e-30))).mean().item())
-            entropy_all.append(-(all_weights * torch.log(all_weights.clamp(min=1e-30))).sum(-1).mean().item())
+            probabilities = all_weights / all_weights.sum(-1, keepdim=True)
+            ess_all.append(effective_sample_size(torch.log(probabilities.clamp(min=1e-30))).mean().item())
+            entropy_all.append(-(probabilities * torch.log(probabilities.clamp(min=1e-30))).sum(-1).mean().item())
             tau_all.append(tau.mean().item())
         metrics = reward_metrics(final)
         metrics.update({"ess": _mean(ess_all), "ess_fraction": _mean(ess_all) / cfg.num_candidates,
                         "weight_entropy": _mean(entropy_all), "tau": _mean(tau_all)})
         return total, metrics
 
-    def _regression_loss(self, model: GaussianDiffusion, mean: Tensor, std: Tensor, exp: Exploration,
-                         weights: Tensor, t: Tensor, s: Tensor, cond: Conditions) -> Tensor:
+    @staticmethod
+    def _kl_to_reference(model: GaussianDiffusion, mean: Tensor, reference_mean: Tensor, scale: Tensor,
+                         node_mask: Tensor | None) -> Tensor:
+        """KL(pi_theta || pi_ref) of one step, |mean - mean_ref|^2 / (2 std^2) / dof, with std replaced
+        by the regression's per-step scale: kl_weight then trades the two terms off in one unit at
+        every step (with ``loss_weighting: likelihood`` it is the exact KL per dimension)."""
+        return 0.5 * model.sq_norm(mean - reference_mean, node_mask) / scale**2 / model.dof(mean, node_mask)
+
+    def _regression_loss(self, model: GaussianDiffusion, mean: Tensor, scale: Tensor, exp: Exploration,
+                         weights: Tensor, cond: Conditions) -> Tensor:
         """Per-state loss -Σ_k w_k log pi_theta(z^k | z_t) / dof, up to a constant and a per-step scale.
 
         With a fixed std, Σ_k w_k ||z^k - mean||^2 = ||target - mean||^2 + const, target = Σ_k w_k z^k:
@@ -355,34 +491,79 @@ class RGDMObjective:
         noise-prediction units (the simple denoising loss's weighting) instead of the likelihood's
         1/std^2, which would let the nearly noiseless last steps dominate every gradient.
         """
-        cfg = self.config
-        bcast = (-1, *([1] * (mean.dim() - 1)))
-        target = (weights.view(*weights.shape, *([1] * (mean.dim() - 1))) * exp.candidates).sum(1)
-        if cfg.control_variate:
+        w = weights.view(*weights.shape, *([1] * (mean.dim() - 1)))
+        if exp.reference_mean is None:
+            target = (w * exp.candidates).sum(1)
+        else:  # the same for weights that sum to one; written relative to mu_ref for readability
+            target = exp.reference_mean + (w * (exp.candidates - exp.reference_mean.unsqueeze(1))).sum(1)
+        if self.config.control_variate:
             target = target - exp.perturbations.mean(1)
-        scale = std if cfg.loss_weighting == "likelihood" else model.mean_sensitivity(t, s, cfg.eta).to(std.dtype)
         error = model.sq_norm(mean - target.detach(), cond.node_mask)
-        return 0.5 * error / scale.view(bcast).flatten() ** 2 / model.dof(mean, cond.node_mask)
+        return 0.5 * error / scale**2 / model.dof(mean, cond.node_mask)
 
     def _sequence_loss(self, model: GaussianDiffusion, shard: BatchShard,
                        generator) -> tuple[Tensor, dict[str, float]]:
+        """Whole samples of the current model weighted by exp(r / tau) · pi_ref(traj) / pi_theta(traj),
+        self-normalised over the global batch and truncated relative to it (``truncate_weights``)."""
         cfg, cond = self.config, shard.conditions
         traj = collect_trajectories(model, shard, self._grid(model), cfg.eta, generator, self.reference)
         final = self.task.score(traj.x0, cond).gathered(shard)
         self._local_calls += cond.batch_size
-        log_ratio = shard.gather(traj.log_ratio_to_reference).clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
+        log_ratio = shard.gather(traj.log_ratio_to_reference)
         targets = shard.global_conditions.targets
-        all_weights, tau = self._weights(final.values.unsqueeze(0), final.valid.unsqueeze(0), log_ratio.unsqueeze(0),
-                                         None if targets is None else targets[:1])
+        all_weights, tau = self._weights(final.values.unsqueeze(0), log_ratio.unsqueeze(0),
+                                         None if targets is None else targets.unsqueeze(0))
         all_weights = all_weights.squeeze(0)
-        weights = shard.local(all_weights)
-        x0 = model.snap_to_data(traj.x0, cond.node_mask)
-        loss = weighted_denoising_loss(model, x0, shard, weights, cfg.denoising_repeats, generator)
-        metrics = reward_metrics(final)
         ess = effective_sample_size(torch.log(all_weights.clamp(min=1e-30))).item()
+        if cfg.truncate_weights:
+            all_weights = truncate_weights(all_weights)
+        weights = shard.local(all_weights)
+        self._global_size = shard.global_size
+        if cfg.sequence_loss == "path":
+            loss = self._path_loss(model, traj, weights, generator)
+        else:
+            x0 = model.snap_to_data(traj.x0, cond.node_mask)
+            loss = weighted_denoising_loss(model, x0, shard, weights, cfg.denoising_repeats, generator)
+        metrics = reward_metrics(final)
         metrics.update({"ess": ess, "ess_fraction": ess / shard.global_size, "tau": tau.mean().item(),
-                        "weight_entropy": -(all_weights * torch.log(all_weights.clamp(min=1e-30))).sum().item()})
+                        "weight_entropy": -(all_weights * torch.log(all_weights.clamp(min=1e-30))).sum().item(),
+                        "log_ratio_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0})
         return loss, metrics
+
+    def _path_loss(self, model: GaussianDiffusion, traj: Trajectories, weights: Tensor, generator) -> Tensor:
+        """-Σ_i w_i Σ_steps log pi_theta(z_s^i | z_t^i) / dof: the weighted log-likelihood of the
+        trajectories' own steps, on ``path_steps`` random steps (all when 0), each on the regression's scale.
+
+        This is KL(P* || P_theta) over whole paths, with P* = P_ref · exp(r / tau) / Z the pay-off path
+        measure. At P_theta = P* the weights are uniform and every step's expected gradient vanishes,
+        so the pay-off is a fixed point exactly, whatever the number of sampling steps; a weighted
+        denoising loss on x_0 instead (``sequence_loss: denoising``) refits the model's own samples,
+        whose discretisation error then compounds over iterations.
+        """
+        cfg, cond = self.config, traj.conditions
+        n_pairs = len(traj.grid) - 1
+        picks = torch.randperm(n_pairs, generator=generator)[: cfg.path_steps or n_pairs].sort().values
+        total = 0.0
+        for idx in picks.tolist():
+            t, s = self._times(traj.grid[idx], traj.grid[idx + 1], cond.batch_size)
+            z_t, z_s = traj.states[idx], traj.states[idx + 1]
+            mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+            scale = self._step_scale(model, std, t, s)
+            if cfg.control_variate:
+                # The step's own noise p_i = z_s - mean (the policy is the one that sampled it) has mean
+                # zero whatever the state: subtracting its uniformly weighted share leaves the gradient's
+                # expectation alone and removes most of its variance. The surrogate below has the
+                # gradient -Σ_i (w_i - 1/N) p_i dmean_i at the current parameters.
+                perturbation = z_s - mean.detach()
+                uniform = 1.0 / self._global_size
+                excess = (weights / uniform - 1.0).view(-1, *([1] * (mean.dim() - 1)))
+                target = mean.detach() + excess * perturbation
+                row_weights = torch.full_like(weights, uniform)
+            else:
+                target, row_weights = z_s, weights
+            nll = 0.5 * model.sq_norm(mean - target, cond.node_mask) / scale**2 / model.dof(z_t, cond.node_mask)
+            total = total + (row_weights * nll).sum()
+        return total / len(picks)
 
     def state_dict(self) -> dict[str, Any]:
         return {"normalizer": self.normalizer.state_dict(), "reward_calls": self.reward_calls,
@@ -414,7 +595,7 @@ def explore_sample(model: GaussianDiffusion, task: Task, config: RGDMConfig, n: 
     z = shard.noise(model, generator)
     for t_int, s_int in zip(grid[:-1], grid[1:]):
         exp = sampler.explore(z, t_int, s_int, shard, generator)
-        weights, _ = sampler._weights(exp.values, exp.valid, exp.log_proposal_ratio, cond.targets)
+        weights, _ = sampler._weights(exp.values, exp.log_proposal_ratio, cond.targets)
         pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
         z = exp.candidates[torch.arange(n), pick]
     x0 = model.project(model.predict_x0(z, torch.zeros(n, dtype=torch.long), cond.node_mask, cond.context),
@@ -430,6 +611,13 @@ def reward_metrics(final: Scores) -> dict[str, float]:
     if final.property is not None and torch.isfinite(final.property).any():
         out["property_mean"] = final.property[torch.isfinite(final.property)].mean().item()
     return out
+
+
+def _per_value(targets: Tensor | None, values: Tensor) -> Tensor | None:
+    """One target per entry of ``values`` (flattened), from targets over its leading dims."""
+    if targets is None:
+        return None
+    return targets.view(*targets.shape, *([1] * (values.dim() - targets.dim()))).expand_as(values).reshape(-1)
 
 
 def _mean(values: list[float]) -> float:

@@ -5,18 +5,21 @@ self-normalised weights w = softmax(log_w) over the batch:
 
     plain               log_w = beta · r(x_0),  x_0 ~ pi_theta                (Black et al. 2023's RWR)
     reference_samples   log_w = beta · r(x_0),  x_0 ~ pi_ref
-    importance_ratio    log_w = beta · r(x_0) + clip(log pi_ref(traj) - log pi_theta(traj)),  x_0 ~ pi_theta
+    importance_ratio    log_w = beta · r(x_0) + log pi_ref(traj) - log pi_theta(traj),  x_0 ~ pi_theta
 
 Plain RWR re-tilts its own samples every iteration, so it keeps climbing the reward (no fixed
 point under a linear reward). The two variants relative to the frozen reference pi_ref weight
 samples towards the fixed pay-off distribution pi_ref · exp(beta · r): the weighted denoising loss is
 a maximum-likelihood fit to it, whose optimum is the pay-off itself (beta = 1 / tau). The
 importance-ratio variant is what RGDM's sequence-level variant computes; the reference-samples one
-needs no trajectory log-probabilities but never sees where the current model puts its mass.
+needs no trajectory log-probabilities but never sees where the current model puts its mass. The
+importance-ratio weights are truncated relative to the batch (``truncate_weights``, Ionides 2008),
+never by an absolute clip of the log-ratio, which would erase the reference once the policy drifts.
 
 Rewards enter raw by default (beta in inverse reward units, so beta = 1 / tau gives the pay-off of
 temperature tau); with ``normalize_rewards`` they are first normalised per target by a running
-mean/std, and beta is then in inverse reward standard deviations.
+mean/std fitted on every weighted reward (invalid samples' penalties included), and beta is then in
+inverse reward standard deviations.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import Tensor
 from rgdm.config import RWRConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.ddpo import checked_rewards
-from rgdm.training.rgdm import RewardNormalizer, effective_sample_size, reward_metrics
+from rgdm.training.rgdm import RewardNormalizer, effective_sample_size, reward_metrics, truncate_weights
 from rgdm.training.rollouts import collect_trajectories, weighted_denoising_loss
 from rgdm.training.tasks import BatchShard, Task, task_stats
 
@@ -58,8 +61,10 @@ class RWRObjective:
         scores = self.task.score(x0, shard.conditions).gathered(shard)
         self.reward_calls += shard.global_size
         targets = shard.global_conditions.targets
-        log_weights = cfg.beta * self._scaled(checked_rewards(scores), scores.valid, targets) + log_base
+        log_weights = cfg.beta * self._scaled(checked_rewards(scores), targets) + log_base
         all_weights = torch.softmax(log_weights, dim=0)
+        if cfg.variant == "importance_ratio" and cfg.truncate_weights:
+            all_weights = truncate_weights(all_weights)
         x0 = model.snap_to_data(x0, shard.conditions.node_mask)
         loss = weighted_denoising_loss(model, x0, shard, shard.local(all_weights), cfg.denoising_repeats, generator)
         metrics = reward_metrics(scores)
@@ -83,16 +88,17 @@ class RWRObjective:
         if cfg.variant == "importance_ratio":
             traj = collect_trajectories(model, shard, grid, cfg.eta, generator, self.reference)
             log_ratio = shard.gather(traj.log_ratio_to_reference)
-            return traj.x0, log_ratio.clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
+            return traj.x0, log_ratio
         sampler = self.reference if cfg.variant == "reference_samples" else model
         traj = collect_trajectories(sampler, shard, grid, cfg.eta, generator, stochastic=False)
         return traj.x0, torch.zeros(shard.global_size)
 
-    def _scaled(self, rewards: Tensor, valid: Tensor, targets: Tensor | None) -> Tensor:
-        """Rewards in the units beta applies to: raw, or normalised per target (statistics of valid ones)."""
+    def _scaled(self, rewards: Tensor, targets: Tensor | None) -> Tensor:
+        """Rewards in the units beta applies to: raw, or normalised per target (statistics of every
+        weighted reward, so that an invalid sample's penalty keeps its size relative to the others)."""
         if not self.config.normalize_rewards:
             return rewards
-        self.normalizer.update(rewards[valid], None if targets is None else targets[valid])
+        self.normalizer.update(rewards, targets)
         return self.normalizer.normalize(rewards, targets)
 
     def state_dict(self) -> dict[str, Any]:
