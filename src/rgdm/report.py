@@ -137,9 +137,9 @@ def describe_reward(reward_config: dict[str, Any] | None, target: float | None) 
         reward_unit = unit
     details = [f"{symbol} is the {label}" + (f" in {unit}" if unit else scale_note) + f" (reward `{name}`)"]
     if name.startswith("xtb_"):
-        from rgdm.rewards.xtb import DEFAULT_RELAX
+        from rgdm.rewards.xtb import default_relax
 
-        relax = config.get("relax", DEFAULT_RELAX)
+        relax = config.get("relax", default_relax(name))
         steps = config.get("relax_steps")
         where = {"none": "at the generated geometry (no relaxation)",
                  "mmff": "after MMFF94 relaxation" + (f" ({steps} steps at most)" if steps else ""),
@@ -186,15 +186,18 @@ def relaxation_sentence(reward_config: dict[str, Any] | None, results: dict[str,
                         k: int = 32) -> str | None:
     """For xTB rewards that relax: how far the relaxation moved the first ``k`` samples of each model."""
     from rgdm.rewards import make_reward
-    from rgdm.rewards.xtb import DEFAULT_RELAX
+    from rgdm.rewards.xtb import default_relax
 
     config = dict(reward_config or {})
-    if not str(config.get("name", "")).startswith("xtb_") or config.get("relax", DEFAULT_RELAX) == "none":
+    name = str(config.get("name", ""))
+    if not name.startswith("xtb_") or name == "xtb_relax_rmsd":
+        return None
+    relax = config.get("relax", default_relax(name))
+    if relax == "none":
         return None
     options = {key: value for key, value in config.items() if key in XTB_OPTIONS}
     medians = []
-    with make_reward({"name": "xtb_relax_rmsd", **options, "relax": config.get("relax", DEFAULT_RELAX),
-                      "cache": False}) as reward:
+    with make_reward({"name": "xtb_relax_rmsd", **options, "relax": relax, "cache": False}) as reward:
         for name, result in results.items():
             scored = reward(result["molecules"][:k])
             values = scored.info["property"][scored.valid].numpy()
