@@ -68,7 +68,8 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
                 out["property_mae_se"] = float(errors.std(ddof=1) / math.sqrt(with_target.sum()))
     out.update({k: float(v) for k, v in result["metrics"].items() if k != "n_molecules"})
     n = out["n"]
-    for key in ("reward_valid_fraction", "validity", "valid_and_unique", "molecule_stability"):
+    # Atom stability pools atoms, which are not independent: its s.e. counts molecules (conservative).
+    for key in ("reward_valid_fraction", "validity", "valid_and_unique", "atom_stability", "molecule_stability"):
         if key in out:
             out[f"{key}_se"] = _proportion_se(out[key], n)
     if "uniqueness" in out and "validity" in out:  # a fraction of the valid molecules

@@ -68,7 +68,9 @@ class StrictMetrics:
             out["pb_checks"] = {name: self.check_passes.get(name, 0) / self.n_pb_checked if self.n_pb_checked
                                 else math.nan for name in PB_CHECKS}
         if self.with_hydrogens:
-            out["atom_stability"], out["atom_stability_se"] = proportion(self.n_stable_atoms, self.n_atoms)
+            out["atom_stability"] = self.n_stable_atoms / self.n_atoms if self.n_atoms else math.nan
+            # atoms of one molecule are not independent: the s.e. counts molecules (conservative)
+            out["atom_stability_se"] = proportion(round(out["atom_stability"] * n), n)[1]
             out["molecule_stability"], out["molecule_stability_se"] = proportion(self.n_stable_molecules, n)
         else:
             out["atom_stability"] = out["molecule_stability"] = None
