@@ -236,7 +236,7 @@ def finetune_report(run_dir: str | Path, base_model, tuned_model, task, n: int, 
     results = {"before": sample_scored(base_model, task, n, num_steps, seed, progress=progress),
                "after": sample_scored(tuned_model, task, n, num_steps, seed, progress=progress)}
     for result in results.values():
-        result["strict"] = strict_metrics(result["molecules"], posebusters=posebusters)
+        result["strict"] = strict_metrics(result["molecules"], posebusters=posebusters, progress=progress)
     if reward_config is not None:
         label, unit, reward_unit, reward_text = describe_reward(reward_config, target)
     else:

@@ -167,12 +167,13 @@ def _passed(value: Any) -> bool:
 
 
 def strict_metrics(molecules: Iterable[Molecule] | HasMolecules, posebusters: bool = True,
-                   with_hydrogens: bool | None = None) -> dict[str, Any]:
+                   with_hydrogens: bool | None = None, progress: bool = False) -> dict[str, Any]:
     """The strict row of a set of ``(symbols, positions [n, 3] Angstrom)`` molecules.
 
     ``with_hydrogens`` defaults to "does any molecule contain H" (a model either generates hydrogens
-    or it does not). ``posebusters=False`` skips the PoseBusters checks (about 0.1-0.3 s per valid
-    molecule, mostly the energy-ratio conformer ensemble) and leaves PB-valid out.
+    or it does not). ``posebusters=False`` skips the PoseBusters checks (about 0.1-0.5 s per valid
+    molecule, mostly the energy-ratio conformer ensemble) and leaves PB-valid out. ``progress`` shows
+    a progress bar.
     """
     molecule_list = _as_molecule_list(molecules)
     if not molecule_list:
@@ -181,7 +182,12 @@ def strict_metrics(molecules: Iterable[Molecule] | HasMolecules, posebusters: bo
         with_hydrogens = any("H" in list(symbols) for symbols, _ in molecule_list)
     counts = StrictMetrics(with_hydrogens=with_hydrogens, posebusters=posebusters)
     checks = PoseBustersChecks() if posebusters else None
-    for symbols, positions in molecule_list:
+    iterator: Iterable[Molecule] = molecule_list
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(molecule_list, desc="strict metrics (PoseBusters)", unit="mol")
+    for symbols, positions in iterator:
         symbols, pos = list(symbols), _to_numpy(positions)
         bonds = bond_matrix(symbols, pos)
         stable, n_stable, n_atoms = stability_from_bonds(symbols, bonds)
@@ -274,8 +280,8 @@ def format_evaluation(edm: dict[str, Any], strict: dict[str, Any]) -> str:
 
 
 def add_strict_metrics(metrics: dict[str, Any], molecules: Iterable[Molecule] | HasMolecules,
-                       posebusters: bool = True) -> str:
+                       posebusters: bool = True, progress: bool = True) -> str:
     """Put the strict row of ``molecules`` under ``metrics["strict"]`` (EDM's ``metrics`` otherwise
     untouched); return both rows as text for the terminal."""
-    metrics["strict"] = strict_metrics(molecules, posebusters=posebusters)
+    metrics["strict"] = strict_metrics(molecules, posebusters=posebusters, progress=progress)
     return format_evaluation(metrics, metrics["strict"])
