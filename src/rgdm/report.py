@@ -137,16 +137,17 @@ def describe_reward(reward_config: dict[str, Any] | None, target: float | None) 
         reward_unit = unit
     details = [f"{symbol} is the {label}" + (f" in {unit}" if unit else scale_note) + f" (reward `{name}`)"]
     if name.startswith("xtb_"):
+        from rgdm.eval.relax import DEFAULT_STEPS
         from rgdm.rewards.xtb import default_relax
 
         relax = config.get("relax", default_relax(name))
-        steps = config.get("relax_steps")
+        steps = config.get("relax_steps") or DEFAULT_STEPS.get(str(relax))
         where = {"none": "at the generated geometry (no relaxation)",
                  "mmff": "after MMFF94 relaxation" + (f" ({steps} steps at most)" if steps else ""),
-                 "xtb": "after a short GFN2-xTB optimisation" + (f" ({steps} L-BFGS steps)" if steps else "")}
-        details.append(where.get(str(relax), f"relax={relax}"))
+                 "xtb": "after a short GFN2-xTB optimisation" + (f" (at most {steps} L-BFGS steps)" if steps else "")}
         if config.get("add_hydrogens"):
-            details.append("on the heavy-atom sample completed with RDKit-placed hydrogens")
+            details.append("computed on the heavy-atom sample completed with RDKit-placed hydrogens")
+        details.append(where.get(str(relax), f"relax={relax}"))
     penalty = config.get("penalty", -1.0)
     text = (f"Reward: `{formula}`, where " + ", ".join(details) + ". "
             f"Samples the reward cannot score (no valid molecule, failed calculation) get r = {float(penalty):g}.")
