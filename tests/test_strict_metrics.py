@@ -120,3 +120,15 @@ def test_evaluate_prints_both_rows_and_warns(tmp_path, capsys):
 
     saved = json.loads((tmp_path / "junk_metrics.json").read_text())
     assert saved["validity"] == 1.0 and saved["strict"]["connected_validity"] == 0.0
+
+
+def test_posebusters_on_a_subset_estimates_pb_valid(qm9_test_with_h):
+    molecules = qm9_molecules(qm9_test_with_h, [100, 101, 102]) + [scattered_fluorines()]
+    full = strict_metrics(molecules)
+    capped = strict_metrics(molecules, posebusters_max=1)
+    assert "pb_checked" not in full and capped["pb_checked"] == 1
+    assert capped["connected_validity"] == full["connected_validity"] == 0.75
+    # the first molecule passes every check (see above): the estimate is connected validity x 1/1
+    assert capped["pb_valid"] == pytest.approx(0.75)
+    assert capped["pb_valid_se"] > 0
+    assert "(estimated from 1 checked)" in format_evaluation(evaluate_molecules(molecules), capped)

@@ -63,8 +63,16 @@ class StrictMetrics:
         n = self.n_molecules
         out: dict[str, Any] = {"n_molecules": n, "with_hydrogens": self.with_hydrogens}
         out["connected_validity"], out["connected_validity_se"] = proportion(self.n_connected_valid, n)
-        if self.posebusters:
+        if self.posebusters and self.n_pb_checked < self.n_connected_valid:
+            # A subset was checked: PB-valid = connected validity x pass rate of the checked ones, with
+            # the delta-method s.e. of that product.
+            c, q = self.n_connected_valid / n, self.n_pb_valid / self.n_pb_checked if self.n_pb_checked else 0.0
+            out["pb_valid"] = c * q
+            out["pb_valid_se"] = math.sqrt(q * q * c * (1 - c) / n + c * c * q * (1 - q) / max(self.n_pb_checked, 1))
+            out["pb_checked"] = self.n_pb_checked
+        elif self.posebusters:
             out["pb_valid"], out["pb_valid_se"] = proportion(self.n_pb_valid, n)
+        if self.posebusters:
             out["pb_checks"] = {name: self.check_passes.get(name, 0) / self.n_pb_checked if self.n_pb_checked
                                 else math.nan for name in PB_CHECKS}
         if self.with_hydrogens:
@@ -167,13 +175,15 @@ def _passed(value: Any) -> bool:
 
 
 def strict_metrics(molecules: Iterable[Molecule] | HasMolecules, posebusters: bool = True,
-                   with_hydrogens: bool | None = None, progress: bool = False) -> dict[str, Any]:
+                   with_hydrogens: bool | None = None, progress: bool = False,
+                   posebusters_max: int | None = None) -> dict[str, Any]:
     """The strict row of a set of ``(symbols, positions [n, 3] Angstrom)`` molecules.
 
     ``with_hydrogens`` defaults to "does any molecule contain H" (a model either generates hydrogens
     or it does not). ``posebusters=False`` skips the PoseBusters checks (about 0.1-0.5 s per valid
     molecule, mostly the energy-ratio conformer ensemble) and leaves PB-valid out. ``progress`` shows
-    a progress bar.
+    a progress bar. ``posebusters_max`` checks only the first that many connected-valid molecules and
+    estimates PB-valid as connected validity times their pass rate (``pb_checked`` says how many).
     """
     molecule_list = _as_molecule_list(molecules)
     if not molecule_list:
@@ -199,7 +209,7 @@ def strict_metrics(molecules: Iterable[Molecule] | HasMolecules, posebusters: bo
         if mol is None:
             continue
         counts.n_connected_valid += 1
-        if checks is None:
+        if checks is None or (posebusters_max is not None and counts.n_pb_checked >= posebusters_max):
             continue
         passed = checks(mol)
         counts.n_pb_checked += 1
@@ -259,7 +269,8 @@ def format_evaluation(edm: dict[str, Any], strict: dict[str, Any]) -> str:
     connected = _percent(strict["connected_validity"], strict["connected_validity_se"])
     lines.append(f"  {'connected validity':<22} {connected}")
     if "pb_valid" in strict:
-        lines.append(f"  {'PB-valid':<22} {_percent(strict['pb_valid'], strict['pb_valid_se'])}")
+        subset = f" (estimated from {strict['pb_checked']} checked)" if "pb_checked" in strict else ""
+        lines.append(f"  {'PB-valid':<22} {_percent(strict['pb_valid'], strict['pb_valid_se'])}{subset}")
     else:
         lines.append(f"  {'PB-valid':<22} not computed (--no-posebusters)")
     if strict.get("with_hydrogens"):
