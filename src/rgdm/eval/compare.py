@@ -86,7 +86,7 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
 # (summary key, row label, kind): "reward" / "property" values carry the reward's or property's units,
 # "fraction" values are shown in percent.
 ROWS = [("reward_mean", "reward r", "reward"), ("property_mean", "{property}", "property"),
-        ("property_mae", "|{property} − target|", "property"),
+        ("property_mae", "mean absolute error to the target", "property"),
         ("reward_valid_fraction", "scored by the reward", "fraction"),
         ("validity", "validity (EDM: largest fragment sanitises)", "fraction"),
         ("connected_validity", "connected validity (strict: one fragment)", "fraction"),

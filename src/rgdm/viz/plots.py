@@ -138,6 +138,7 @@ def _draw_molecule(ax, symbols: Sequence[str], pos: np.ndarray, bonds: bool = Tr
     centre = pos.mean(0) if len(pos) else np.zeros(3)
     for setter, c in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), centre):
         setter(c - span, c + span)
+    ax.set_box_aspect((1, 1, 1), zoom=1.2)  # the hidden axes' margins would shrink the molecule
     ax.set_axis_off()
 
 
