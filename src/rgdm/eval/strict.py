@@ -73,8 +73,9 @@ class StrictMetrics:
         elif self.posebusters:
             out["pb_valid"], out["pb_valid_se"] = proportion(self.n_pb_valid, n)
         if self.posebusters:
+            # None where no molecule was checked: the metrics JSON stays valid JSON (no NaN)
             out["pb_checks"] = {name: self.check_passes.get(name, 0) / self.n_pb_checked if self.n_pb_checked
-                                else math.nan for name in PB_CHECKS}
+                                else None for name in PB_CHECKS}
         if self.with_hydrogens:
             out["atom_stability"] = self.n_stable_atoms / self.n_atoms if self.n_atoms else math.nan
             # atoms of one molecule are not independent: the s.e. counts molecules (conservative)
@@ -280,7 +281,7 @@ def format_evaluation(edm: dict[str, Any], strict: dict[str, Any]) -> str:
     else:
         lines.append(f"  {'atom/mol. stability':<22} {strict['stability_note']}")
     if strict.get("pb_checks"):
-        failing = sorted(((rate, name) for name, rate in strict["pb_checks"].items() if math.isfinite(rate)))[:3]
+        failing = sorted((rate, name) for name, rate in strict["pb_checks"].items() if rate is not None)[:3]
         if failing:
             shown = ", ".join(f"{name.replace('_', ' ')} {100 * rate:.0f} %" for rate, name in failing)
             lines.append(f"  {'hardest PB checks':<22} {shown} (pass rate of connected-valid molecules)")
