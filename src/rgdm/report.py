@@ -20,7 +20,8 @@ import numpy as np
 from rgdm.eval.compare import format_with_se, sample_scored, table_rows, write_comparison
 from rgdm.viz.plots import plot_curves
 
-TRAINING_CURVES = ["reward_mean", "property_mean", "eval_reward_mean", "eval_validity", "ess_fraction", "loss"]
+TRAINING_CURVES = ["reward_mean", "property_mean", "eval_reward_mean", "eval_validity", "eval_connected_validity",
+                   "ess_fraction", "loss"]
 
 # What each built-in reward measures, for the formula in the report.
 PROPERTY_NAMES = {
@@ -217,6 +218,7 @@ CURVE_LABELS = {
     "reward_mean": "training reward r (mean of roll-outs)",
     "eval_reward_mean": "evaluation reward r (mean)",
     "eval_validity": "evaluation validity (EDM, fraction)",
+    "eval_connected_validity": "evaluation connected validity (fraction)",
     "ess_fraction": "effective sample size / batch",
     "loss": "training loss",
 }

@@ -60,6 +60,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     (CPU processes, gloo) and the run follows the single-process trajectory; rank 0 writes the run.
     """
     from rgdm.eval.molecules import evaluate_molecules
+    from rgdm.eval.strict import strict_metrics
     from rgdm.rewards import make_reward
 
     run_dir = Path(run_dir)
@@ -86,6 +87,8 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
         metrics = evaluate_molecules(batch)
         scores = task.score(x0, cond)
         out = {f"eval_{k}": float(v) for k, v in metrics.items() if k != "n_molecules"}
+        # the strict row's cheap part (no PoseBusters during training): one fragment holds every atom
+        out["eval_connected_validity"] = float(strict_metrics(batch, posebusters=False)["connected_validity"])
         out["eval_reward_mean"] = scores.values.mean().item()
         if scores.property is not None and torch.isfinite(scores.property).any():
             out["eval_property_mean"] = scores.property[torch.isfinite(scores.property)].mean().item()
