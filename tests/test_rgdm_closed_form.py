@@ -1,13 +1,7 @@
 """DESIGN §2's closed-form check, made strict: RGDM must recover the pay-off pi_ref · exp(r / tau).
 
-The reference is the exact denoiser of N(0, I_d) (``rgdm.diffusion.analytic``), whose fine-tunable
-family holds every isotropic Gaussian, and whose samples' distribution is computed exactly
-(``exact_moments``): no sampling noise enters the comparison. Two rewards:
-
-* linear r = a^T x: the pay-off is the reference shifted by C0 a / tau (N(a / tau, I) for N(0, I));
-* quadratic r = -b |x - c|^2: the pay-off is shifted *and shrunk* (variance 1 / (1 + 2 b / tau)), so
-  a method that only moves the mean cannot pass.
-
+The harness is ``rgdm.training.closed_form``: the exact N(0, I_d) model, a linear reward (the pay-off
+is a shift) and a quadratic one (a shift *and* a shrink), the result's distribution computed exactly.
 Both variants are fine-tuned from three seeds; the *worst* seed must land within 5 % of the closed
 form, in mean and covariance, in d = 2 and in d = 6. Negative controls break the mechanism (drop the
 importance correction) and must miss.
@@ -18,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rgdm.config import RGDMConfig, TrainConfig
-from rgdm.diffusion.analytic import exact_moments, gaussian_payoff, relative_errors, standard_gaussian_diffusion
-from rgdm.training.loop import Trainer
+from rgdm.config import RGDMConfig
+from rgdm.diffusion.analytic import standard_gaussian_diffusion
+from rgdm.training.closed_form import TAU, closed_form_run
 from rgdm.training.rgdm import (
     Exploration,
     RewardNormalizer,
@@ -35,8 +29,6 @@ from rgdm.training.tasks import Conditions, GaussianTask
 
 SEEDS = (0, 1, 2)
 TOLERANCE = 0.05
-TAU = 1.0
-SAMPLING_STEPS = 50
 
 
 @pytest.fixture(autouse=True)
@@ -48,62 +40,13 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def closed_form_reward(reward: str, dim: int):
-    """The reward function and its parameters; directions fixed per dimension, not per seed."""
-    direction = torch.randn(dim, generator=torch.Generator().manual_seed(1000 + dim))
-    direction = direction / direction.norm()
-    if reward == "linear":
-        a = 1.2 * direction
-        return (lambda x: x @ a), {"a": a}
-    b, c = 0.5, 1.5 * direction
-    return (lambda x: -b * ((x - c) ** 2).sum(-1)), {"b": b, "c": c}
-
-
-def settings(variant: str, reward: str) -> tuple[dict, float]:
-    """RGDM settings and the optimiser's learning rate of one closed-form case.
-
-    The step variant regresses onto weighted candidate means, a low-noise target (lr 0.05); a quadratic
-    reward's soft value is not the reward of the Tweedie estimate, so there it is estimated by M = 2
-    stochastic continuations on the roll-outs' own grid, whose noisy values call for the jackknife's
-    bias correction and a larger batch. The sequence variant's path likelihood is noisier (lr 0.03).
-    """
-    if variant == "sequence":
-        return {"batch_size": 64}, 0.03
-    if reward == "linear":
-        return {"batch_size": 64, "num_candidates": 16, "explore_steps": 8, "shift": "random"}, 0.05
-    return {"batch_size": 128, "num_candidates": 8, "explore_steps": 4, "shift": "random", "lookahead": "continuation",
-            "lookahead_steps": 0, "lookahead_samples": 2, "weight_normalisation": "jackknife"}, 0.05
-
-
-def finetune_errors(tmp_path, variant: str, reward: str, dim: int, seed: int, steps: int = 100,
-                    **overrides) -> tuple[float, float, RGDMObjective]:
-    """Fine-tune the exact N(0, I) model; relative errors of the exact result's mean and covariance."""
-    torch.manual_seed(seed)
-    model = standard_gaussian_diffusion(dim=dim, timesteps=200)
-    reward_fn, params = closed_form_reward(reward, dim)
-    target_mean, target_cov = gaussian_payoff(*exact_moments(model, SAMPLING_STEPS), reward, TAU, **params)
-    case, lr = settings(variant, reward)
-    config = RGDMConfig(variant=variant, sampling_steps=SAMPLING_STEPS, tau=TAU, normalize_rewards=False,
-                        **{**case, **overrides})
-    config.validate()
-    objective = RGDMObjective(model, GaussianTask(dim, reward_fn), config, seed=seed)
-    train = TrainConfig(steps=steps, lr=lr, ema_decay=0.95, grad_clip=0.0, log_every=50, val_every=10_000,
-                        checkpoint_every=10_000)
-    trainer = Trainer(model, objective, train, tmp_path / f"seed{seed}", {"config": {}}, tensorboard=False,
-                      progress=False)
-    trainer.fit()
-    mean, cov = exact_moments(trainer.sampling_model, SAMPLING_STEPS)
-    mean_error, cov_error = relative_errors(mean, cov, target_mean, target_cov)
-    return mean_error, cov_error, objective
-
-
 def worst_seed(tmp_path, variant: str, reward: str, dim: int, **overrides) -> tuple[float, float]:
     """The largest mean and covariance errors over SEEDS (stops at the first seed that misses: the
     worst seed cannot then pass, which is all a negative control needs to know)."""
     worst = (0.0, 0.0)
     for seed in SEEDS:
-        mean_error, cov_error, _ = finetune_errors(tmp_path, variant, reward, dim, seed, **overrides)
-        worst = (max(worst[0], mean_error), max(worst[1], cov_error))
+        result = closed_form_run(tmp_path / f"seed{seed}", variant, reward, dim, seed, **overrides)
+        worst = (max(worst[0], result.mean_error), max(worst[1], result.cov_error))
         if max(worst) >= TOLERANCE:
             break
     return worst
@@ -131,7 +74,7 @@ def test_step_level_fails_without_the_proposal_correction(tmp_path, monkeypatch)
 def test_sequence_level_fails_without_the_reference_ratio(tmp_path, monkeypatch):
     """Negative control: without pi_ref / pi_theta the weights re-tilt the current model on every
     iteration (plain reward-weighted regression), which runs past the pay-off."""
-    monkeypatch.setattr(Trajectories, "log_ratio_to_reference", property(lambda self: torch.zeros(self.x0.shape[0])))
+    monkeypatch.setattr(Trajectories, "log_ratio", lambda self, skip_final_step=False: torch.zeros(self.x0.shape[0]))
     mean_error, cov_error = worst_seed(tmp_path, "sequence", "linear", 2)
     assert max(mean_error, cov_error) > TOLERANCE, (mean_error, cov_error)
 

@@ -161,6 +161,7 @@ class RGDMConfig:
     truncate_weights: bool = True  # sequence variant: cap weights at sqrt(N) x their mean (Ionides 2008)
     sequence_loss: str = "path"  # sequence variant: "path" (log-lik. of the paths' steps, exact) or "denoising"
     path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
+    final_step_in_ratio: bool = False  # sequence variant: count the last step (std ~ data precision) in pi_ref/pi
     denoising_repeats: int = 4  # sequence variant, "denoising": noise levels per sample in the weighted loss
 
     def validate(self) -> None:
@@ -255,6 +256,7 @@ class RWRConfig:
     normalizer_buffer: int = 512
     normalizer_min_count: int = 16
     truncate_weights: bool = True  # "importance_ratio": cap weights at sqrt(N) x their mean (Ionides 2008)
+    final_step_in_ratio: bool = False  # "importance_ratio": count the last step (std ~ data precision), as RGDM
     denoising_repeats: int = 4  # noise levels per sample in the weighted denoising loss
     lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
     mle_batch_size: int = 64  # molecules per data batch of that loss

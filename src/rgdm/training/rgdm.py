@@ -509,7 +509,7 @@ class RGDMObjective:
         traj = collect_trajectories(model, shard, self._grid(model), cfg.eta, generator, self.reference)
         final = self.task.score(traj.x0, cond).gathered(shard)
         self._local_calls += cond.batch_size
-        log_ratio = shard.gather(traj.log_ratio_to_reference)
+        log_ratio = shard.gather(traj.log_ratio(skip_final_step=not cfg.final_step_in_ratio))
         targets = shard.global_conditions.targets
         all_weights, tau = self._weights(final.values.unsqueeze(0), log_ratio.unsqueeze(0),
                                          None if targets is None else targets.unsqueeze(0))

@@ -33,9 +33,17 @@ class Trajectories:
     @property
     def log_ratio_to_reference(self) -> Tensor:
         """log pi_ref(trajectory) - log pi(trajectory), [B]."""
+        return self.log_ratio()
+
+    def log_ratio(self, skip_final_step: bool = False) -> Tensor:
+        """log pi_ref - log pi of the trajectories' steps, [B]; ``skip_final_step`` leaves out the last
+        step into t = 0, whose std is the data's precision (see ``RGDMConfig.final_step_in_ratio``)."""
         if self.reference_log_probs is None:
             raise ValueError("these trajectories were collected without a reference policy")
-        return (self.reference_log_probs - self.log_probs).sum(0)
+        per_step = self.reference_log_probs - self.log_probs
+        if skip_final_step and self.grid[-1] == 0 and len(per_step) > 1:
+            per_step = per_step[:-1]
+        return per_step.sum(0)
 
 
 def step_times(t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:

@@ -87,7 +87,7 @@ class RWRObjective:
         grid = model.time_grid(cfg.sampling_steps or None)
         if cfg.variant == "importance_ratio":
             traj = collect_trajectories(model, shard, grid, cfg.eta, generator, self.reference)
-            log_ratio = shard.gather(traj.log_ratio_to_reference)
+            log_ratio = shard.gather(traj.log_ratio(skip_final_step=not cfg.final_step_in_ratio))
             return traj.x0, log_ratio
         sampler = self.reference if cfg.variant == "reference_samples" else model
         traj = collect_trajectories(sampler, shard, grid, cfg.eta, generator, stochastic=False)
