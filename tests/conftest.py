@@ -7,6 +7,18 @@ import socket
 import pytest
 
 
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test: on tiny tensors extra threads only add synchronisation overhead
+    (and two cores shared by a parallel test run are better spent on processes)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     """A free TCP port on localhost for a process group's rendezvous."""
     with socket.socket() as sock:

@@ -28,13 +28,7 @@ TAU = 1.0
 PAYOFF_MEAN = A / TAU
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The test bed's tensors are [batch, 2]: extra threads only add synchronisation overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def linear_reward(x):

@@ -21,12 +21,7 @@ def linear_task() -> GaussianTask:
     return GaussianTask(2, lambda x: x @ A)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_smc_with_exact_lookahead_recovers_tilted_mean():

@@ -31,13 +31,7 @@ SEEDS = (0, 1, 2)
 TOLERANCE = 0.05
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The test bed's tensors are [batch, d]: extra threads only add synchronisation overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def worst_seed(tmp_path, variant: str, reward: str, dim: int, **overrides) -> tuple[float, float]:

@@ -5,21 +5,24 @@ relative to the frozen pre-trained model pi_ref is the *pay-off* distribution
 
     q_pd(z_s | z_t)  ∝  pi_ref(z_s | z_t) · exp(V(z_s) / tau),
 
-with V a look-ahead value: the reward of the reference model's denoised estimate of z_s (Tweedie)
-or of a short deterministic roll-out from z_s. RGDM minimises KL(q_pd || pi_theta), i.e. maximises
+with V the soft value of z_s under the reference, estimated by a look-ahead: the reward of the
+reference model's denoised estimate of z_s (Tweedie), of a short deterministic roll-out, or of M
+stochastic continuations (unbiased in exp(V / tau)). RGDM minimises KL(q_pd || pi_theta), i.e. maximises
 the log-likelihood of samples from q_pd. Samples come from exploration: K candidates around the
 reference mean, candidate k drawn from N(mu_ref + delta_k, std^2) with *feasible shifts* |delta_k|
 <= rho·std (delta_0 = 0), and self-normalised importance weights
 
     w_k ∝ exp(V_k / tau) · pi_ref(z^k | z_t) / q_prop(z^k | z_t),  q_prop = (1/K) Σ_j N(mu_ref + delta_j, std^2)
 
-keep the target exact whatever the shifts. The loss per explored state is
+keep the target exact whatever the shifts (antithetic candidate pairs remove the first-order 1/K bias
+of self-normalisation). The loss per explored state is
 -Σ_k w_k log pi_theta(z^k | z_t) / dof (+ lambda_mle · denoising loss on data, + an optional KL to
 pi_ref): a weighted regression of the policy mean onto the candidates, with no reward gradient.
 
-The sequence-level variant weights whole samples x_0 of the current model by
-exp(r(x_0)/tau) · pi_ref(trajectory) / pi_theta(trajectory) (self-normalised over the batch,
-log-ratio clipped) and minimises the weighted denoising loss on them.
+The sequence-level variant weights whole trajectories of the current model by
+exp(r(x_0)/tau) · pi_ref(trajectory) / pi_theta(trajectory), self-normalised over the batch and
+truncated relative to it (Ionides 2008), and maximises their weighted path log-likelihood: the
+pay-off is then an exact fixed point (``sequence_loss: denoising`` fits the weighted x_0 instead).
 """
 
 from __future__ import annotations
