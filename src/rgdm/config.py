@@ -159,7 +159,7 @@ class RGDMConfig:
     mle_batch_size: int = 32
     kl_weight: float = 0.0  # optional KL(pi_theta || pi_ref) per explored step
     truncate_weights: bool = True  # sequence variant: cap weights at sqrt(N) x their mean (Ionides 2008)
-    sequence_loss: str = "path"  # sequence variant: "path" (log-lik. of the paths' steps, exact) or "denoising"
+    sequence_loss: str = "denoising"  # sequence variant: "denoising" (weighted x0 fit) or "path" (exact, see docs)
     path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
     final_step_in_ratio: bool = False  # sequence variant: count the last step (std ~ data precision) in pi_ref/pi
     denoising_repeats: int = 4  # sequence variant, "denoising": noise levels per sample in the weighted loss

@@ -21,8 +21,9 @@ pi_ref): a weighted regression of the policy mean onto the candidates, with no r
 
 The sequence-level variant weights whole trajectories of the current model by
 exp(r(x_0)/tau) · pi_ref(trajectory) / pi_theta(trajectory), self-normalised over the batch and
-truncated relative to it (Ionides 2008), and maximises their weighted path log-likelihood: the
-pay-off is then an exact fixed point (``sequence_loss: denoising`` fits the weighted x_0 instead).
+truncated relative to it (Ionides 2008), and fits them: by the weighted denoising loss on their x_0
+(``sequence_loss: denoising``, the default) or by their weighted path log-likelihood (``path``, for
+which the pay-off is an exact fixed point; docs/rgdm.md says when each one wins).
 """
 
 from __future__ import annotations
