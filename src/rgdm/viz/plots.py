@@ -56,7 +56,8 @@ def plot_curves(metrics_csv: str | Path, columns: Sequence[str], out: str | Path
         ok = np.isfinite(data[column])
         steps, values = data[x][ok], data[column][ok]
         window = max(1, len(values) // 10)  # about ten windows across the run
-        ax.plot(steps, values, color="#1f77b4", alpha=0.25, lw=1.0, label="raw")
+        # raw values faint behind their moving average; drawn solid when there are too few to smooth
+        ax.plot(steps, values, color="#1f77b4", alpha=0.25 if window > 1 else 0.9, lw=1.0, label="raw")
         if window > 1:
             ax.plot(steps, smooth(values, window), color="#1f77b4", lw=2.0, label=f"moving average ({window})")
             ax.legend(fontsize=8, frameon=False)
