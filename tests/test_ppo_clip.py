@@ -13,15 +13,10 @@ from rgdm.training.finetune import build_objective
 from rgdm.training.tasks import GaussianTask
 
 A = torch.tensor([1.0, -0.6])
-CLIP = 0.02
+CLIP = 1e-4  # DDPO's default; the test bed's policy is well conditioned, so the step size below is large
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def drift_over_replays(clip_range: float, epochs: int = 40) -> list[float]:
@@ -33,7 +28,7 @@ def drift_over_replays(clip_range: float, epochs: int = 40) -> list[float]:
     config = DDPOConfig(variant="is", batch_size=64, sampling_steps=20, inner_epochs=epochs, minibatches=1,
                         clip_range=clip_range, advantage_baseline="batch")
     objective = DDPOObjective(model, GaussianTask(2, lambda x: x @ A), config, seed=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     drift = []
     for step in range(epochs):
         loss, _ = objective.loss(model, step)
