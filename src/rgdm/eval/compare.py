@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from rgdm.eval.molecules import evaluate_molecules
+from rgdm.eval.strict import format_percent
 
 
 @torch.no_grad()
@@ -108,16 +109,6 @@ def format_with_se(value: float, se: float | None = None, unit: str = "") -> str
     else:
         text = f"{value:.4g}"
     return f"{text} {unit}".rstrip()
-
-
-def format_percent(value: float, se: float | None = None) -> str:
-    """A fraction as ``12.3 ± 4.5 %`` (one decimal throughout, so columns line up)."""
-    if value is None or not math.isfinite(value):
-        return "–"
-    text = f"{100 * value:.1f}"
-    if se is not None and math.isfinite(se):
-        text += f" ± {100 * se:.1f}"
-    return text + " %"
 
 
 def table_rows(summaries: dict[str, dict[str, float]], property_label: str = "property",

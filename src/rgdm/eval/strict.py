@@ -237,9 +237,10 @@ def validity_disagreements(edm: dict[str, Any], strict: dict[str, Any],
     return warnings
 
 
-def _percent(value: float | None, se: float | None = None) -> str:
+def format_percent(value: float | None, se: float | None = None, missing: str = "–") -> str:
+    """A fraction as ``12.3 ± 4.5 %`` (one decimal throughout, so columns line up); ``missing`` if absent."""
     if value is None or not math.isfinite(value):
-        return "n/a"
+        return missing
     text = f"{100 * value:.1f}"
     if se is not None and math.isfinite(se):
         text += f" ± {100 * se:.1f}"
@@ -258,6 +259,9 @@ def format_evaluation(edm: dict[str, Any], strict: dict[str, Any]) -> str:
         value, m = edm.get(key), denominators.get(key, n)
         return None if value is None else proportion(round(value * m), m)[1]
 
+    def percent(value: float | None, se: float | None) -> str:
+        return format_percent(value, se, missing="n/a")
+
     lines = [f"{n} molecules; percentages are mean ± standard error (binomial)", "",
              "EDM (Hoogeboom et al. 2022; validity = largest fragment sanitises):"]
     edm_keys = [("validity", "validity"), ("uniqueness", "uniqueness"), ("valid_and_unique", "valid & unique"),
@@ -265,19 +269,19 @@ def format_evaluation(edm: dict[str, Any], strict: dict[str, Any]) -> str:
                 ("molecule_stability", "molecule stability")]
     for key, label in edm_keys:
         if key in edm:
-            lines.append(f"  {label:<22} {_percent(edm[key], edm_se(key))}")
+            lines.append(f"  {label:<22} {percent(edm[key], edm_se(key))}")
     lines += ["", "strict (one fragment; PoseBusters checks, Buttenschoen et al. 2024):"]
-    connected = _percent(strict["connected_validity"], strict["connected_validity_se"])
+    connected = percent(strict["connected_validity"], strict["connected_validity_se"])
     lines.append(f"  {'connected validity':<22} {connected}")
     if "pb_valid" in strict:
         subset = f" (estimated from {strict['pb_checked']} checked)" if "pb_checked" in strict else ""
-        lines.append(f"  {'PB-valid':<22} {_percent(strict['pb_valid'], strict['pb_valid_se'])}{subset}")
+        lines.append(f"  {'PB-valid':<22} {percent(strict['pb_valid'], strict['pb_valid_se'])}{subset}")
     else:
         lines.append(f"  {'PB-valid':<22} not computed (--no-posebusters)")
     if strict.get("with_hydrogens"):
-        lines.append(f"  {'atom stability':<22} {_percent(strict['atom_stability'], strict['atom_stability_se'])}")
+        lines.append(f"  {'atom stability':<22} {percent(strict['atom_stability'], strict['atom_stability_se'])}")
         lines.append(f"  {'molecule stability':<22} "
-                     f"{_percent(strict['molecule_stability'], strict['molecule_stability_se'])}")
+                     f"{percent(strict['molecule_stability'], strict['molecule_stability_se'])}")
     else:
         lines.append(f"  {'atom/mol. stability':<22} {strict['stability_note']}")
     if strict.get("pb_checks"):

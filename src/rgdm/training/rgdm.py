@@ -522,9 +522,8 @@ class RGDMObjective:
         if cfg.truncate_weights:
             all_weights = truncate_weights(all_weights)
         weights = shard.local(all_weights)
-        self._global_size = shard.global_size
         if cfg.sequence_loss == "path":
-            loss = self._path_loss(model, traj, weights, generator)
+            loss = self._path_loss(model, traj, weights, shard.global_size, generator)
         else:
             x0 = model.snap_to_data(traj.x0, cond.node_mask)
             loss = weighted_denoising_loss(model, x0, shard, weights, cfg.denoising_repeats, generator)
@@ -534,7 +533,8 @@ class RGDMObjective:
                         "log_ratio_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0})
         return loss, metrics
 
-    def _path_loss(self, model: GaussianDiffusion, traj: Trajectories, weights: Tensor, generator) -> Tensor:
+    def _path_loss(self, model: GaussianDiffusion, traj: Trajectories, weights: Tensor, global_size: int,
+                   generator) -> Tensor:
         """-Σ_i w_i Σ_steps log pi_theta(z_s^i | z_t^i) / dof: the weighted log-likelihood of the
         trajectories' own steps, on ``path_steps`` random steps (all when 0), each on the regression's scale.
 
@@ -559,7 +559,7 @@ class RGDMObjective:
                 # expectation alone and removes most of its variance. The surrogate below has the
                 # gradient -Σ_i (w_i - 1/N) p_i dmean_i at the current parameters.
                 perturbation = z_s - mean.detach()
-                uniform = 1.0 / self._global_size
+                uniform = 1.0 / global_size
                 excess = (weights / uniform - 1.0).view(-1, *([1] * (mean.dim() - 1)))
                 target = mean.detach() + excess * perturbation
                 row_weights = torch.full_like(weights, uniform)
