@@ -19,7 +19,7 @@ from rgdm.diffusion.analytic import exact_moments, gaussian_payoff, standard_gau
 from rgdm.training.best_of_n import best_of_n, select_best
 from rgdm.training.ddpo import DDPOConfig, DDPOObjective, tracked_advantages
 from rgdm.training.loop import Trainer
-from rgdm.training.rgdm import RewardNormalizer
+from rgdm.training.normalizer import RewardNormalizer
 from rgdm.training.rwr import RWRConfig, RWRObjective
 from rgdm.training.tasks import GaussianTask
 

@@ -15,9 +15,9 @@ import torch
 from rgdm.config import RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
 from rgdm.training.closed_form import TAU, closed_form_run
+from rgdm.training.normalizer import RewardNormalizer
 from rgdm.training.rgdm import (
     Exploration,
-    RewardNormalizer,
     RGDMObjective,
     effective_sample_size,
     explore_sample,

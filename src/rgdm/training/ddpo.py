@@ -42,7 +42,8 @@ from torch import Tensor
 
 from rgdm.config import DDPOConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
-from rgdm.training.rgdm import RewardNormalizer, reward_metrics
+from rgdm.training.normalizer import RewardNormalizer
+from rgdm.training.rgdm import reward_metrics
 from rgdm.training.rollouts import Trajectories, collect_trajectories, gaussian_kl
 from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
 
