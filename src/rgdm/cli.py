@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
 from rgdm import cli_runs
-from rgdm.cli_runs import RUNS_DIR, claimed_run, run_name
+from rgdm.cli_common import (
+    OverwriteOption,
+    SetOption,
+    checked_name,
+    default_dir,
+    parse_overrides,
+    refuse_to_overwrite,
+    write_text_atomically,
+)
+from rgdm.cli_runs import claimed_run, run_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rgdm: equivariant diffusion models of molecules, steered by black-box rewards.")
@@ -37,13 +45,6 @@ from rgdm.cli_benchmark import app as benchmark_app  # noqa: E402 - `rgdm benchm
 
 app.add_typer(benchmark_app, name="benchmark")
 
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a config value, e.g. --set train.steps=100 (repeatable).")]
-
-
-OverwriteOption = Annotated[bool, typer.Option(help="Replace output files that already exist.")]
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rgdm.config import ConfigError
     from rgdm.data.dataset import DataError
@@ -55,18 +56,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, DataError, CheckpointError, RunExistsError, RunLockedError, RewardConfigError,
             RewardSetupError)
-
-
-def _overrides(pairs: list[str] | None) -> dict[str, object]:
-    from rgdm.config import ConfigError
-
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ConfigError(f"--set {pair}: expected key=value")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 @app.command()
@@ -95,9 +84,9 @@ def pretrain(
     from rgdm.eval.sampling import sample_and_evaluate
     from rgdm.training.pretrain import pretrain as run_pretrain
 
-    overrides = _overrides(set_)
+    overrides = parse_overrides(set_)
     if name is not None:
-        overrides["name"] = _checked_name(name)
+        overrides["name"] = checked_name(name)
     cfg = load_config(config, overrides=overrides)
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
@@ -112,12 +101,6 @@ def pretrain(
         if sample:
             metrics = sample_and_evaluate(trainer.sampling_model, sample, run_dir / "samples", seed=cfg.train.seed)
             typer.echo(json.dumps(metrics, indent=2))
-
-
-def _checked_name(name: str) -> str:
-    from rgdm.config import check_run_name
-
-    return check_run_name(name, "--name")
 
 
 @app.command("sample")
@@ -141,23 +124,14 @@ def sample_cmd(
     if out is not None and out.suffix.lower() != ".xyz":
         raise ConfigError(f"--out {out}: give a .xyz path (the .sdf is written next to it)")
     loaded = load_model(model)
-    out = out or _default_dir(model) / "samples" / "samples.xyz"
+    out = out or default_dir(model) / "samples" / "samples.xyz"
     sdf = out.with_suffix(".sdf")
-    _refuse_to_overwrite([out, sdf], overwrite)
+    refuse_to_overwrite([out, sdf], overwrite)
     molecules = molecule_list(sample_in_chunks(loaded.model, n, batch_size, steps, seed))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_xyz(out, molecules)
     _write_sdf(sdf, molecules)
     typer.echo(f"wrote {len(molecules)} molecules to {out} and {sdf}")
-
-
-def _refuse_to_overwrite(paths: list[Path], overwrite: bool) -> None:
-    """A one-line error naming the first of ``paths`` that exists, unless ``--overwrite`` was given."""
-    from rgdm.config import ConfigError
-
-    existing = [path for path in paths if path.exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another --out")
 
 
 @app.command()
@@ -224,7 +198,7 @@ def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelt
         from rgdm.data.readers import read_sdf, read_xyz
 
         out = out or path.with_name(path.stem + "_metrics.json")
-        _refuse_to_overwrite([out], overwrite)
+        refuse_to_overwrite([out], overwrite)
         molecules = read_xyz(path) if path.suffix.lower() == ".xyz" else read_sdf(path)
         _check_elements(path, molecules)
         metrics = evaluate_molecules(molecules, qm9_training_smiles() if novelty else None)
@@ -232,10 +206,10 @@ def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelt
         from rgdm.runs import load_model
 
         loaded = load_model(model)
-        out_dir = _default_dir(model) / "samples"
+        out_dir = default_dir(model) / "samples"
         out = out or out_dir / f"eval_n{n}_metrics.json"
         # sample_and_evaluate also writes the samples and its own copy of the metrics there
-        _refuse_to_overwrite([out, out_dir / f"eval_n{n}.xyz", out_dir / f"eval_n{n}_metrics.json"], overwrite)
+        refuse_to_overwrite([out, out_dir / f"eval_n{n}.xyz", out_dir / f"eval_n{n}_metrics.json"], overwrite)
         metrics = sample_and_evaluate(loaded.model, n, out_dir, tag=f"eval_n{n}", num_steps=steps, seed=seed,
                                       training_smiles=qm9_training_smiles() if novelty else None)
         from rgdm.data.readers import read_xyz
@@ -259,18 +233,6 @@ def _check_elements(path: Path, molecules) -> None:
         if unknown is not None:
             raise DataError(f"{path}: molecule {index + 1}: element {unknown!r} is unknown to EDM's bond rules "
                             f"({', '.join(ATOMIC_NUMBERS)})")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename: a full disk never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @app.command()
@@ -308,7 +270,7 @@ def finetune(
 
     _finetune_device(device)
     if name is not None:
-        _checked_name(name)
+        checked_name(name)
     if is_shape_model(base):  # a point-cloud model: --target is a class name
         if scale is not None:
             raise ConfigError("--scale: only for molecule property targets; a shape model's --target is a class")
@@ -324,7 +286,7 @@ def finetune(
     if number is not None:
         values["reward"].update({"target": number, "scale": 1.0 if scale is None else scale})
         values["target"] = number
-    for key, value in _overrides(set_).items():
+    for key, value in parse_overrides(set_).items():
         set_dotted(values, key, value)
     values["name"] = name or f"{Path(base).name}-{method}-{values['reward']['name']}"
     cfg = from_dict(FinetuneConfig, values).validate()
@@ -436,9 +398,9 @@ def train_regressor_cmd(
         if value is not None:
             values["data"][key] = value
     data = values["data"]
-    values["name"] = _checked_name(name) if name is not None else default_run_name(
+    values["name"] = checked_name(name) if name is not None else default_run_name(
         data["property"], data["split"], data["remove_h"])
-    for key, value in _overrides(set_).items():
+    for key, value in parse_overrides(set_).items():
         set_dotted(values, key, value)
     cfg = from_dict(RegressorConfig, values).validate()
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
@@ -459,8 +421,8 @@ def demo(
     from rgdm.config import FinetuneConfig, from_dict, set_dotted, to_dict
     from rgdm.demo import demo_config
 
-    values = to_dict(demo_config(_checked_name(name) if name is not None else "demo"))
-    for key, value in _overrides(set_).items():
+    values = to_dict(demo_config(checked_name(name) if name is not None else "demo"))
+    for key, value in parse_overrides(set_).items():
         set_dotted(values, key, value)
     cfg = from_dict(FinetuneConfig, values).validate()
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
@@ -494,15 +456,6 @@ def reward_lines() -> list[str]:
         needs = f" (required: {', '.join(required)})" if required else ""
         lines.append(f"{name:<{width}}  {summary}{units}{needs}")
     return lines
-
-
-def _default_dir(model: str) -> Path:
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if path.is_file():
-        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return RUNS_DIR / f"pretrained-{model}"
 
 
 def _write_sdf(path: Path, molecules) -> None:

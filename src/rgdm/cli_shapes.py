@@ -21,6 +21,8 @@ from typing import Annotated, Any
 
 import typer
 
+from rgdm.cli_common import SetOption, parse_overrides, run_dir_of
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Point-cloud diffusion on shapes: pretrain, train-classifier, finetune, evaluate.")
 
@@ -28,8 +30,6 @@ RUNS_DIR = Path("runs")
 DEFAULT_CLASSIFIER = RUNS_DIR / "shape-classifier"  # where `rgdm shapes train-classifier` puts it by default
 DEFAULT_COMPARE = 40  # clouds sampled per model for a report (sampling clouds is slower than molecules)
 
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a config value, e.g. --set train.steps=100 (repeatable).")]
 
 
 # ------------------------------------------------------------------------------------------------- #
@@ -106,23 +106,9 @@ def _existing_classifier(classifier: str | Path) -> str:
     return str(classifier)
 
 
-def _overrides(pairs: list[str] | None) -> dict[str, object]:
-    from rgdm.cli import _overrides as parse
-
-    return parse(pairs)
-
-
-def _run_dir_of(source: str | Path) -> Path:
-    """The run directory a model source belongs to (a checkpoint sits in ``<run>/checkpoints/``)."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
 def _label(source: str | Path) -> str:
     path = Path(source)
-    return path.name if path.is_dir() else f"{_run_dir_of(path).name}/{path.name}"
+    return path.name if path.is_dir() else f"{run_dir_of(path).name}/{path.name}"
 
 
 # ------------------------------------------------------------------------------------------------- #
@@ -135,7 +121,7 @@ def run_pretrain(config: Path, name: str | None, resume: bool, set_: list[str] |
     from rgdm.config import check_run_name, load_config
     from rgdm.training.shapes import ShapeRunConfig, pretrain_shapes
 
-    overrides = _overrides(set_)
+    overrides = parse_overrides(set_)
     if name is not None:
         overrides["name"] = check_run_name(name, "--name")
     cfg = load_config(config, ShapeRunConfig, overrides)
@@ -178,7 +164,7 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
             raise ConfigError(f"--reward shape_class needs --target, one of: {', '.join(classes)}")
     if target:
         values["target_class"] = target
-    for key, value in _overrides(set_).items():
+    for key, value in parse_overrides(set_).items():
         set_dotted(values, key, value)
     default_name = f"{Path(base).name}-{method}-{spec.get('name')}"
     values["name"] = check_run_name(name, "--name") if name is not None else default_name
@@ -226,7 +212,7 @@ def run_evaluate(models: list[str], classifier: str | None = None, target: str |
         raise ConfigError(f"--target: name the class to evaluate against, one of: {', '.join(classes)}")
     check_target_class(str(target), classes)
     classifier = _existing_classifier(classifier or reward.get("model") or DEFAULT_CLASSIFIER)
-    out = out or _run_dir_of(models[0]) / "eval"
+    out = out or run_dir_of(models[0]) / "eval"
     if not overwrite and (out / "metrics.json").exists():
         raise ConfigError(f"{out / 'metrics.json'} exists; pass --overwrite to replace the report, "
                           "or choose another --out")
@@ -276,7 +262,7 @@ def train_classifier_cmd(
     values = to_dict(load_config(config, ClassifierConfig) if config else ClassifierConfig())
     if name is not None:
         values["name"] = check_run_name(name, "--name")
-    for key, value in _overrides(set_).items():
+    for key, value in parse_overrides(set_).items():
         set_dotted(values, key, value)
     cfg = from_dict(ClassifierConfig, values).validate()
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)

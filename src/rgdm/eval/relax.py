@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rgdm.rewards.molecule import Molecule
+from rgdm.rewards.molecule import Molecule, unpaired_electrons
 from rgdm.rewards.scoring import InvalidSample
 
 RELAX_METHODS: tuple[str, ...] = ("none", "mmff", "xtb")
@@ -161,8 +161,6 @@ def relax_xtb(molecule: Molecule, steps: int = DEFAULT_STEPS["xtb"], method: str
     """
     from scipy.optimize import minimize
     from tblite.interface import Calculator
-
-    from rgdm.rewards.xtb import unpaired_electrons
 
     if not np.isfinite(molecule.positions).all():
         raise InvalidSample("non-finite coordinates")

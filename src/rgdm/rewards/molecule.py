@@ -25,6 +25,11 @@ PERIODIC_TABLE: tuple[str, ...] = (
 _ATOMIC_NUMBER = {symbol: z for z, symbol in enumerate(PERIODIC_TABLE, start=1)}
 
 
+def unpaired_electrons(atomic_numbers: np.ndarray, charge: int) -> int:
+    """The spin of the lowest state (xTB's ``uhf``): 0 for an even number of electrons, 1 for an odd number."""
+    return int(atomic_numbers.sum() - charge) % 2
+
+
 def atomic_number(symbol: str) -> int:
     """Atomic number of an element symbol such as ``"C"``; clear error for unknown symbols."""
     try:

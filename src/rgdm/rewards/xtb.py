@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from rgdm.rewards.molecule import Molecule
+from rgdm.rewards.molecule import Molecule, unpaired_electrons
 from rgdm.rewards.registry import register_reward
 from rgdm.rewards.scoring import InvalidSample, PerMolecule, RewardSetupError
 
@@ -49,11 +49,6 @@ def import_tblite() -> None:
             "xTB rewards must run in a worker process started with OMP_NUM_THREADS=1 "
             "(use backend 'process' or 'ray'; torch and tblite OpenMP runtimes conflict)")
     import tblite.interface  # noqa: F401 - imported for its one-off start-up cost
-
-
-def unpaired_electrons(atomic_numbers: np.ndarray, charge: int) -> int:
-    """0 for an even number of electrons, 1 for an odd number (lowest spin state)."""
-    return int(atomic_numbers.sum() - charge) % 2
 
 
 def frontier_orbitals(energies: np.ndarray, occupations: np.ndarray) -> tuple[float, float]:
