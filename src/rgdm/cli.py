@@ -20,12 +20,14 @@ import typer
 
 from rgdm import cli_runs
 from rgdm.cli_common import (
+    DeviceOption,
     OverwriteOption,
     SetOption,
     checked_name,
     default_dir,
     parse_overrides,
     refuse_to_overwrite,
+    resolve_device_option,
     write_text_atomically,
 )
 from rgdm.cli_runs import claimed_run, run_name
@@ -66,7 +68,7 @@ def pretrain(
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint bit-for-bit.")] = False,
     set_: SetOption = None,
     sample: Annotated[int, typer.Option(min=0, help="Molecules to sample and evaluate at the end (0 = none).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (bfloat16 autocast on CUDA).")] = "auto",
+    device: DeviceOption = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="Compile the network with torch.compile.")] = False,
 ) -> None:
     """Train a molecule diffusion model by maximum likelihood (EDM's loss).
@@ -76,8 +78,9 @@ def pretrain(
     from rgdm.cli_shapes import is_shapes_config
     from rgdm.cli_shapes import run_pretrain as run_shapes_pretrain
 
+    resolve_device_option(device)
     if is_shapes_config(config):  # a point-cloud model (configs/shapes_*.yaml)
-        run_shapes_pretrain(config, name, resume, set_)
+        run_shapes_pretrain(config, name, resume, set_, device=device)
         return
     from rgdm import distributed
     from rgdm.config import load_config
@@ -114,6 +117,7 @@ def sample_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 100,
     overwrite: OverwriteOption = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Sample molecules and write them as .xyz and .sdf (EDM-perceived bonds)."""
     from rgdm.config import ConfigError
@@ -121,9 +125,10 @@ def sample_cmd(
     from rgdm.eval.sampling import molecule_list, sample_in_chunks
     from rgdm.runs import load_model
 
+    torch_device = resolve_device_option(device)
     if out is not None and out.suffix.lower() != ".xyz":
         raise ConfigError(f"--out {out}: give a .xyz path (the .sdf is written next to it)")
-    loaded = load_model(model)
+    loaded = load_model(model, device=torch_device)
     out = out or default_dir(model) / "samples" / "samples.xyz"
     sdf = out.with_suffix(".sdf")
     refuse_to_overwrite([out, sdf], overwrite)
@@ -155,6 +160,7 @@ def evaluate(
     overwrite: OverwriteOption = False,
     posebusters: Annotated[bool, typer.Option(
         help="Molecules: run the PoseBusters checks of the strict row (about 0.1-0.5 s per valid molecule).")] = True,
+    device: DeviceOption = "auto",
 ) -> None:
     """EDM's metrics (atom/molecule stability, validity, uniqueness, novelty) of samples or files, and the
     strict row beside them (connected validity, PoseBusters-valid, stability only with hydrogens).
@@ -166,6 +172,7 @@ def evaluate(
     from rgdm.config import ConfigError
     from rgdm.runs import resolve_checkpoint
 
+    resolve_device_option(device)
     shapes = [is_shape_model(m) for m in model]
     if any(shapes):
         if not all(shapes):
@@ -175,18 +182,19 @@ def evaluate(
             raise ConfigError(f"{other}: not a shape model; evaluate shape and molecule models separately")
         if steps is not None:
             raise ConfigError("--steps: shape models sample with their config's diffusion.sampling_steps")
-        run_shapes_evaluate(model, classifier, target, n, out, seed, overwrite=overwrite)
+        run_shapes_evaluate(model, classifier, target, n, out, seed, overwrite=overwrite, device=device)
         return
     if len(model) > 1:
         raise ConfigError("evaluate: give one molecule model or file (several models are compared only for shapes)")
     for option, value in (("--classifier", classifier), ("--target", target)):
         if value is not None:
             raise ConfigError(f"{option}: only for shape models; {model[0]} is not one")
-    _evaluate_molecules(model[0], 1000 if n is None else n, steps, seed, novelty, out, overwrite, posebusters)
+    _evaluate_molecules(model[0], 1000 if n is None else n, steps, seed, novelty, out, overwrite, posebusters,
+                        device)
 
 
 def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelty: bool, out: Path | None,
-                        overwrite: bool, posebusters: bool = True) -> None:
+                        overwrite: bool, posebusters: bool = True, device: str = "auto") -> None:
     from rgdm.config import ConfigError
     from rgdm.eval.molecules import evaluate_molecules
     from rgdm.eval.sampling import qm9_training_smiles, sample_and_evaluate
@@ -205,7 +213,7 @@ def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelt
     else:
         from rgdm.runs import load_model
 
-        loaded = load_model(model)
+        loaded = load_model(model, device=resolve_device_option(device))
         out_dir = default_dir(model) / "samples"
         out = out or out_dir / f"eval_n{n}_metrics.json"
         # sample_and_evaluate also writes the samples and its own copy of the metrics there
@@ -256,8 +264,8 @@ def finetune(
         min=0, help="Samples before/after for report.md, drawn with the same sampler for every method "
                     "(default: 200 molecules, 40 shapes; 0 = none).")] = None,
     device: Annotated[str, typer.Option(
-        help="auto, cpu or cuda. Fine-tuning runs on the CPU in this release: auto means cpu, and cuda "
-             "is refused with a message.")] = "auto",
+        help="auto, cpu or cuda (auto: cuda when a GPU is available). The model, roll-outs and their random "
+             "generators run there, the network in bfloat16 on CUDA; rewards always run on the CPU.")] = "auto",
     set_: SetOption = None,
 ) -> None:
     """Steer a pre-trained model toward a reward during training (RGDM, or the DDPO / RWR baselines).
@@ -268,13 +276,14 @@ def finetune(
     from rgdm.cli_shapes import run_finetune as run_shapes_finetune
     from rgdm.config import ConfigError, FinetuneConfig, from_dict, load_config, set_dotted, to_dict
 
-    _finetune_device(device)
+    resolve_device_option(device)
     if name is not None:
         checked_name(name)
     if is_shape_model(base):  # a point-cloud model: --target is a class name
         if scale is not None:
             raise ConfigError("--scale: only for molecule property targets; a shape model's --target is a class")
-        run_shapes_finetune(base, method, reward, classifier, target, config, name, resume, compare, set_)
+        run_shapes_finetune(base, method, reward, classifier, target, config, name, resume, compare, set_,
+                            device=device)
         return
     if classifier is not None:
         raise ConfigError(f"--classifier: only for shape models; {base} is not one")
@@ -291,23 +300,7 @@ def finetune(
     values["name"] = name or f"{Path(base).name}-{method}-{values['reward']['name']}"
     cfg = from_dict(FinetuneConfig, values).validate()
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
-    _run_finetune(cfg, resume, 200 if compare is None else compare, explicit_name=name is not None)
-
-
-def _finetune_device(device: str) -> str:
-    """Fine-tuning's device: the CPU. ``cuda`` is refused in one line rather than half-supported.
-
-    The roll-outs of every method draw their noise from CPU random generators (that is what makes
-    runs reproducible and resumable bit-for-bit); CUDA fine-tuning needs those moved with the model.
-    """
-    from rgdm import distributed
-    from rgdm.config import ConfigError
-
-    distributed.resolve_device(device)  # unknown names, and cuda without a GPU, fail here
-    if device == "cuda":
-        raise ConfigError("--device cuda: fine-tuning runs on the CPU in this release (use --device cpu or auto; "
-                          "pre-training supports cuda)")
-    return "cpu"
+    _run_finetune(cfg, resume, 200 if compare is None else compare, explicit_name=name is not None, device=device)
 
 
 def _property_target(base: str, target: str | None) -> float | None:
@@ -357,7 +350,7 @@ def _heavy_atom_options(base: str, reward: str) -> dict[str, object]:
     return options
 
 
-def _run_finetune(cfg, resume: bool, compare: int, explicit_name: bool) -> None:
+def _run_finetune(cfg, resume: bool, compare: int, explicit_name: bool, device: str = "auto") -> None:
     from rgdm import distributed
     from rgdm.report import summary_table
     from rgdm.training.finetune import finetune_and_report
@@ -365,7 +358,8 @@ def _run_finetune(cfg, resume: bool, compare: int, explicit_name: bool) -> None:
     with claimed_run(cfg.name, explicit=explicit_name, resume=resume) as run_dir:
         command = cli_runs.resume_command.removesuffix(" --resume") if cli_runs.resume_command else ""
         try:
-            summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command)
+            summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command,
+                                            device=device)
             main = distributed.is_main()
         finally:
             distributed.shutdown()
@@ -388,8 +382,10 @@ def train_regressor_cmd(
         help="Run name (default: regressor-<property>-<split>[-noH], with -2, -3, ... when that run exists).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint.")] = False,
     set_: SetOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Train an EGNN property regressor on QM9 (EDM's evaluator; a learned reward); report its test MAE."""
+    resolve_device_option(device)
     from rgdm.config import from_dict, load_config, set_dotted, to_dict
     from rgdm.training.regression import RegressorConfig, default_run_name, train_regressor
 
@@ -405,7 +401,7 @@ def train_regressor_cmd(
     cfg = from_dict(RegressorConfig, values).validate()
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
-        result = train_regressor(cfg, run_dir, resume=resume)
+        result = train_regressor(cfg, run_dir, resume=resume, device=device)
     typer.echo(json.dumps(result.test_metrics, indent=2))
     typer.echo(f"checkpoints in {run_dir / 'checkpoints'}; test metrics in {run_dir / 'test_metrics.json'}")
 
@@ -416,8 +412,10 @@ def demo(
         help="Run name under runs/ (default: demo, with -2, -3, ... when that run exists).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted demo.")] = False,
     set_: SetOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Fine-tune the shipped QM9 model toward an xTB HOMO-LUMO gap target with RGDM; write a report."""
+    resolve_device_option(device)
     from rgdm.config import FinetuneConfig, from_dict, set_dotted, to_dict
     from rgdm.demo import demo_config
 
@@ -426,7 +424,7 @@ def demo(
         set_dotted(values, key, value)
     cfg = from_dict(FinetuneConfig, values).validate()
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
-    _run_finetune(cfg, resume, 200, explicit_name=name is not None)
+    _run_finetune(cfg, resume, 200, explicit_name=name is not None, device=device)
 
 
 @app.command()

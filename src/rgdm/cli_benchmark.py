@@ -30,6 +30,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rgdm.cli_common import DeviceOption, resolve_device_option
 from rgdm.config import ConfigError, _check_choice, _check_range
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -127,9 +128,10 @@ class ConditionalBenchmark:
     """One property at one budget; every ``stage_*`` method is skipped when its output exists."""
 
     def __init__(self, prop: str, budget: ConditionalBudget, out_dir: Path, runs_dir: Path,
-                 with_xtb: bool = True) -> None:
+                 with_xtb: bool = True, device: str = "cpu") -> None:
         from rgdm.data.properties import PROPERTIES
 
+        self.device = device  # where models train and sample (auto | cpu | cuda); rewards stay on the CPU
         _check_choice("--property", prop, PROPERTIES)
         self.prop, self.budget, self.runs_dir = prop, budget, Path(runs_dir)
         self.out = Path(out_dir) / budget.name / prop
@@ -179,10 +181,15 @@ class ConditionalBenchmark:
 
         return load_regressor(self.regressor_dir("Da")).model
 
-    def reward_regressor(self):
+    def reward_regressor(self, device: str = "cpu"):
         from rgdm.training.regression import load_regressor
 
-        return load_regressor(self.regressor_dir("Db")).model
+        return load_regressor(self.regressor_dir("Db"), device=device).model
+
+    def _device(self):
+        from rgdm import distributed
+
+        return distributed.resolve_device(self.device)
 
     # --- bookkeeping ------------------------------------------------------------------------ #
     def _timed(self, name: str, seconds: float) -> None:
@@ -214,7 +221,8 @@ class ConditionalBenchmark:
         for key, value in b.regressor_overrides.items():
             set_dotted(values, key, value)
         cfg = from_dict(RegressorConfig, values).validate()
-        train_regressor(cfg, run_dir, resume=_has_checkpoints(run_dir), progress=b.progress, tensorboard=False)
+        train_regressor(cfg, run_dir, resume=_has_checkpoints(run_dir), progress=b.progress, tensorboard=False,
+                        device=self.device)
         self._timed(f"regressor_{split}", time.perf_counter() - started)
 
     def stage_conditional_model(self) -> None:
@@ -229,7 +237,8 @@ class ConditionalBenchmark:
         overrides = {"name": run_dir.name, "data.conditioning": [self.prop], "data.train_split": "Db",
                      "data.remove_h": b.remove_h, **b.pretrain_overrides}
         cfg = load_config(_config_path(b.pretrain_config), overrides=overrides)
-        pretrain(cfg, run_dir, resume=_has_checkpoints(run_dir), progress=b.progress, tensorboard=False)
+        pretrain(cfg, run_dir, resume=_has_checkpoints(run_dir), progress=b.progress, tensorboard=False,
+                 device=self.device)
         self._timed("conditional_edm_training", time.perf_counter() - started)
 
     def stage_rgdm(self, kind: str) -> None:
@@ -251,7 +260,7 @@ class ConditionalBenchmark:
                                 checkpoint_every=10, grad_clip=1.0, max_minutes=b.rgdm_minutes,
                                 num_threads=b.threads, seed=b.seed)
         finetune(cfg.validate(), run_dir, resume=_has_checkpoints(run_dir), progress=b.progress,
-                 tensorboard=False, reward=reward)
+                 tensorboard=False, reward=reward, device=self.device)
         self._timed(f"rgdm_{kind}_training", time.perf_counter() - started)
 
     def target_reward(self, kind: str):
@@ -316,7 +325,7 @@ class ConditionalBenchmark:
             return
         from rgdm.runs import load_model
 
-        self._generated_row("conditional_edm", load_model(self.conditional_dir).model)
+        self._generated_row("conditional_edm", load_model(self.conditional_dir, device=self._device()).model)
 
     def stage_guidance_row(self) -> None:
         """Guidance of the conditional EDM by the D_b regressor; the scale is chosen on a few molecules."""
@@ -327,8 +336,8 @@ class ConditionalBenchmark:
 
         started = time.perf_counter()
         b = self.budget
-        model = load_model(self.conditional_dir).model
-        regressor = self.reward_regressor()
+        model = load_model(self.conditional_dir, device=self._device()).model
+        regressor = self.reward_regressor(self._device())  # guidance differentiates it beside the model
         trial_targets = draw_targets(self.db(), self.prop, b.guidance_select_samples, seed=3000 + b.seed)
         scale, trials = choose_guidance_scale(model, self.prop, trial_targets, regressor, b.guidance_scales,
                                               b.sampling_steps or None, seed=4000 + b.seed)
@@ -342,7 +351,7 @@ class ConditionalBenchmark:
             return
         from rgdm.runs import load_model
 
-        loaded = load_model(self.rgdm_dir(kind))
+        loaded = load_model(self.rgdm_dir(kind), device=self._device())
         metrics_path = self.rgdm_dir(kind) / "last_metrics.json"
         last = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         self._generated_row(row, loaded.model, extra={"finetune_iterations": loaded.step,
@@ -402,7 +411,7 @@ class ConditionalBenchmark:
         xtb_targets = torch.tensor(data["xtb"][:n], dtype=torch.float64)
         fit = data["fit"]
         context_targets = Targets(torch.tensor(data["node_counts"][:n]), fit["slope"] * xtb_targets + fit["intercept"])
-        model = load_model(source).model
+        model = load_model(source, device=self._device()).model
         batches = generate(model, self.prop, context_targets, b.sampling_steps or None, seed=5000 + b.seed,
                            batch_size=b.sample_batch)
         values, valid = xtb_values_of(batches, self.prop, b.xtb_workers)
@@ -522,6 +531,7 @@ def conditional_cmd(
         "runs"),
     xtb: Annotated[bool, typer.Option("--xtb/--no-xtb", help="RGDM with the xTB reward and the physics variant "
                                                              "(gap and mu).")] = True,
+    device: DeviceOption = "auto",
 ) -> None:
     """EDM's Table 3: generate molecules for target property values; MAE of an independent regressor.
 
@@ -531,6 +541,7 @@ def conditional_cmd(
 
     from rgdm.data.properties import PROPERTIES
 
+    resolve_device_option(device)
     preset = get_budget(budget)
     props = list(PROPERTIES) if property_ == "all" else [property_]
     for prop in props:
@@ -540,7 +551,7 @@ def conditional_cmd(
     command = f"rgdm benchmark conditional --property {property_} --budget {budget}" + ("" if xtb else " --no-xtb")
     timings: dict[str, dict[str, float]] = {}
     for prop in props:
-        bench = ConditionalBenchmark(prop, preset, out, runs, with_xtb=xtb)
+        bench = ConditionalBenchmark(prop, preset, out, runs, with_xtb=xtb, device=device)
         timings[prop] = bench.timings
         bench.run(on_progress=lambda: write_report(out, preset, props, runs, timings, command))
     write_report(out, preset, props, runs, timings, command)

@@ -75,3 +75,15 @@ def write_text_atomically(path: Path, text: str) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
+
+
+DeviceOption = Annotated[str, typer.Option(
+    help="auto, cpu or cuda (auto: cuda when a GPU is available). On CUDA the network runs in bfloat16.")]
+
+
+def resolve_device_option(name: str):
+    """``--device`` as a torch device (``rgdm.distributed.resolve_device``): an unknown name, or cuda
+    on a machine without a GPU, is a one-line ConfigError (exit code 2)."""
+    from rgdm import distributed
+
+    return distributed.resolve_device(name)

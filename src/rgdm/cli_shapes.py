@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rgdm.cli_common import SetOption, parse_overrides, run_dir_of
+from rgdm.cli_common import DeviceOption, SetOption, parse_overrides, resolve_device_option, run_dir_of
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Point-cloud diffusion on shapes: pretrain, train-classifier, finetune, evaluate.")
@@ -115,11 +115,28 @@ def _label(source: str | Path) -> str:
 # The work behind the commands (shared by `rgdm <command>` and `rgdm shapes <command>`).
 
 
-def run_pretrain(config: Path, name: str | None, resume: bool, set_: list[str] | None) -> Path:
+def shapes_device(device: str) -> str:
+    """The device of a shape command: the CPU in this release.
+
+    ``--device`` goes through the shared resolver first (an unknown name, or cuda without a GPU, is
+    the same one-line error as for molecules); ``auto`` then means the CPU, and an explicit ``cuda``
+    is refused in one line: the point-cloud objectives still draw their noise on the CPU.
+    """
+    from rgdm.config import ConfigError
+
+    if resolve_device_option(device).type == "cuda" and device == "cuda":
+        raise ConfigError("--device cuda: shape models run on the CPU in this release (use --device cpu or auto)")
+    return "cpu"
+
+
+def run_pretrain(config: Path, name: str | None, resume: bool, set_: list[str] | None,
+                 device: str = "auto") -> Path:
     """Pre-train a shape model from a ``domain: shapes`` YAML file; returns the run directory."""
+    shapes_device(device)
     from rgdm.cli_runs import claimed_run, run_name
     from rgdm.config import check_run_name, load_config
-    from rgdm.training.shapes import ShapeRunConfig, pretrain_shapes
+    from rgdm.training.pretrain import pretrain
+    from rgdm.training.shape_configs import ShapeRunConfig
 
     overrides = parse_overrides(set_)
     if name is not None:
@@ -127,14 +144,15 @@ def run_pretrain(config: Path, name: str | None, resume: bool, set_: list[str] |
     cfg = load_config(config, ShapeRunConfig, overrides)
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
-        trainer = pretrain_shapes(cfg, run_dir, resume=resume)
+        trainer = pretrain(cfg, run_dir, resume=resume)  # the shared code path; shapes run on the CPU
     typer.echo(f"checkpoints in {run_dir / 'checkpoints'} ({trainer.step} steps)")
     return run_dir
 
 
 def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, classifier: str | None = None,
                  target: str | None = None, config: Path | None = None, name: str | None = None,
-                 resume: bool = False, compare: int | None = None, set_: list[str] | None = None) -> Path:
+                 resume: bool = False, compare: int | None = None, set_: list[str] | None = None,
+                 device: str = "auto") -> Path:
     """Fine-tune the shape model ``base`` toward a reward; returns the run directory.
 
     reward: a shape reward name; default: the ``--config`` file's reward, else ``shape_class``.
@@ -142,10 +160,12 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
     of the base model) is required; a class-conditional base is also asked for ``target``.
     compare: clouds sampled before and after for ``report.md`` (needs a classifier and a target).
     """
+    shapes_device(device)
     from rgdm import distributed
     from rgdm.cli_runs import claimed_run, run_name
     from rgdm.config import ConfigError, check_run_name, from_dict, load_config, set_dotted, to_dict
-    from rgdm.training.shapes import ShapeFinetuneConfig, finetune_shapes
+    from rgdm.training.finetune import finetune
+    from rgdm.training.shape_configs import ShapeFinetuneConfig
 
     classes = _model_classes(base)
     if target is not None:
@@ -174,7 +194,7 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
         try:
-            finetune_shapes(cfg, run_dir, resume=resume)
+            finetune(cfg, run_dir, resume=resume)  # the shared code path; shapes run on the CPU
         except ValueError as err:  # e.g. a class the classifier does not know: one line, not a traceback
             raise ConfigError(str(err)) from None
         finally:
@@ -195,7 +215,8 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
 
 
 def run_evaluate(models: list[str], classifier: str | None = None, target: str | None = None,
-                 n: int | None = None, out: Path | None = None, seed: int = 0, overwrite: bool = True) -> Path:
+                 n: int | None = None, out: Path | None = None, seed: int = 0, overwrite: bool = True,
+                 device: str = "auto") -> Path:
     """Sample each shape model and compare them on ``target``; returns the report directory.
 
     Defaults come from the first model's run: the class it was fine-tuned toward and the classifier
@@ -204,6 +225,7 @@ def run_evaluate(models: list[str], classifier: str | None = None, target: str |
     """
     from rgdm.config import ConfigError
 
+    shapes_device(device)
     classes = _model_classes(models[0])
     trained = _checkpoint_state(models[0]).get("config") or {}
     reward = trained.get("reward") if isinstance(trained.get("reward"), dict) else {}
@@ -242,9 +264,10 @@ def pretrain(
     name: Annotated[str | None, typer.Option(help="Run name (default: the config's name).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint.")] = False,
     set_: SetOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Train a point-cloud diffusion model (unconditional or class-conditional); same as `rgdm pretrain`."""
-    run_pretrain(config, name, resume, set_)
+    run_pretrain(config, name, resume, set_, device)
 
 
 @app.command("train-classifier")
@@ -253,11 +276,13 @@ def train_classifier_cmd(
     name: Annotated[str | None, typer.Option(help="Run name (default: shape-classifier).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run's newest checkpoint.")] = False,
     set_: SetOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Train the PointNet shape classifier (the shape_class reward's model); report its test accuracy."""
+    shapes_device(device)
     from rgdm.cli_runs import claimed_run, run_name
     from rgdm.config import check_run_name, from_dict, load_config, set_dotted, to_dict
-    from rgdm.training.shapes import ClassifierConfig, train_classifier
+    from rgdm.training.classifier import ClassifierConfig, train_classifier
 
     values = to_dict(load_config(config, ClassifierConfig) if config else ClassifierConfig())
     if name is not None:
@@ -287,9 +312,10 @@ def finetune(
     compare: Annotated[int, typer.Option(min=0, help="Clouds to sample before/after for report.md (0 = none).")]
         = DEFAULT_COMPARE,
     set_: SetOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Steer a pre-trained shape model toward a reward (RGDM or DDPO); same as `rgdm finetune`."""
-    run_finetune(base, method, reward, classifier, target, config, name, resume, compare, set_)
+    run_finetune(base, method, reward, classifier, target, config, name, resume, compare, set_, device)
 
 
 @app.command()
@@ -302,6 +328,7 @@ def evaluate(
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path | None, typer.Option(help="Report directory (default: <first run>/eval).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Sample each model; fraction classified as TARGET and MMD/COV/1-NNA; same as `rgdm evaluate`."""
-    run_evaluate(model, classifier, target, n, out, seed, overwrite=overwrite)
+    run_evaluate(model, classifier, target, n, out, seed, overwrite=overwrite, device=device)

@@ -14,6 +14,7 @@ gradient of the single-process loss. Only rank 0 writes checkpoints and logs.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -174,6 +175,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank())
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s parameters (the device its inputs, noise and generators must be on)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def generator_on(device: torch.device | str, seed: int) -> torch.Generator:
+    """A random generator seeded with ``seed`` that draws on ``device``.
+
+    Noise must be drawn where the model runs: a CUDA tensor cannot be filled from a CPU generator.
+    On the CPU this is exactly ``torch.Generator().manual_seed(seed)``, so CPU runs draw the same
+    numbers as before devices were configurable (a CUDA generator draws different ones).
+    """
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
 def seed_rank(seed: int) -> None:

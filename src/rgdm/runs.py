@@ -129,7 +129,11 @@ def resolve_checkpoint(source: str | Path) -> Path:
 
 
 def load_model(source: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a trained model from its checkpoint (EMA weights by default)."""
+    """Rebuild a trained model from its checkpoint (EMA weights by default) on ``device``.
+
+    Checkpoints are read onto the CPU first (``map_location``), so one written on a GPU loads on a
+    machine without one. On CUDA the network runs under bfloat16 autocast (``bf16_network``).
+    """
     path = resolve_checkpoint(source)
     state = load_checkpoint(path)
     try:
@@ -146,6 +150,7 @@ def load_model(source: str | Path, use_ema: bool = True, device: str | torch.dev
         first = str(err).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the model its config describes ({first})") from None
     model.to(device).eval()
+    model.bf16_network = torch.device(device).type == "cuda"
     return LoadedModel(model, config, spec, path, int(state["step"]))
 
 

@@ -276,7 +276,9 @@ def sample_with_property(
     polarisability with 5 atoms would be an impossible request).
     """
     values = dataset._property(property_name)
-    picks = torch.randint(len(dataset), (n,), generator=generator)
+    # drawn on the generator's device (the model's), then used as indices of the CPU-held data set
+    device = generator.device if generator is not None else None
+    picks = torch.randint(len(dataset), (n,), generator=generator, device=device).cpu()
     return dataset.num_atoms[picks].clone(), values[picks].clone()
 
 

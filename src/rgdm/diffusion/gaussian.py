@@ -16,6 +16,7 @@ per sample) and ``count`` (number of real entries per sample).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -43,6 +44,16 @@ class GaussianDiffusion(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.schedule = schedule
+        # bfloat16 autocast of the denoiser's forward on CUDA. Only the network runs in bfloat16: its
+        # output is cast back, so means, log-probabilities, weights and losses stay float32. No effect
+        # on the CPU. Set by commands run with --device cuda.
+        self.bf16_network = False
+
+    def network_precision(self, like: Tensor) -> contextlib.AbstractContextManager:
+        """The autocast context of a denoiser forward on ``like``'s device (see ``bf16_network``)."""
+        if self.bf16_network and like.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @property
     def timesteps(self) -> int:
@@ -86,7 +97,9 @@ class GaussianDiffusion(nn.Module):
     def predict_eps(self, z_t: Tensor, t: Tensor, node_mask: Tensor | None = None,
                     context: Tensor | None = None) -> Tensor:
         t_frac = t.to(z_t.dtype) / self.timesteps
-        return self.denoiser(z_t, t_frac, node_mask, context)
+        with self.network_precision(z_t):
+            eps = self.denoiser(z_t, t_frac, node_mask, context)
+        return eps.to(z_t.dtype)
 
     def predict_x0(self, z_t: Tensor, t: Tensor, node_mask: Tensor | None = None,
                    context: Tensor | None = None, eps: Tensor | None = None) -> Tensor:

@@ -60,8 +60,9 @@ class MoleculeDiffusion(GaussianDiffusion):
     def predict_eps(self, z_t: Tensor, t: Tensor, node_mask: Tensor | None = None,
                     context: Tensor | None = None) -> Tensor:
         t_frac = t.to(z_t.dtype) / self.timesteps
-        eps_x, eps_h = self.denoiser(z_t[..., :3], z_t[..., 3:], t_frac, node_mask, context)
-        return torch.cat([eps_x, eps_h], dim=-1)
+        with self.network_precision(z_t):
+            eps_x, eps_h = self.denoiser(z_t[..., :3], z_t[..., 3:], t_frac, node_mask, context)
+        return torch.cat([eps_x, eps_h], dim=-1).to(z_t.dtype)
 
     # Encoding and decoding molecules. ------------------------------------------------------ #
 

@@ -10,31 +10,51 @@ from typing import Any
 import numpy as np
 import torch
 
+from rgdm import distributed
 from rgdm.eval.molecules import evaluate_molecules
 from rgdm.eval.strict import format_percent
 
 
 @torch.no_grad()
 def sample_scored(model, task, n: int, num_steps: int | None, seed: int, batch_size: int = 100,
-                  progress: bool = True) -> dict[str, Any]:
-    """``n`` molecules from ``model`` under the task's conditions, with rewards and EDM metrics."""
-    generator = torch.Generator().manual_seed(seed)
+                  progress: bool = True, pipelined: bool = True) -> dict[str, Any]:
+    """``n`` molecules from ``model`` under the task's conditions, with rewards and EDM metrics.
+
+    Noise is drawn on the model's device from ``seed``. ``pipelined``: each batch is scored in a
+    background thread (the reward's worker processes do the work) while the next one is sampled;
+    the results are identical to scoring each batch before sampling the next (``ScoringPipeline``).
+    """
+    from rgdm.rewards.pipeline import ScoringPipeline
+
+    generator = distributed.generator_on(distributed.module_device(model), seed)
     model.eval()
-    molecules, values, valid, props, targets = [], [], [], [], []
     chunks = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="sampling + scoring", unit="batch")
-    for start in chunks:
-        cond = task.conditions(min(batch_size, n - start), generator)
-        x0 = model.sample(cond.shape, cond.node_mask, cond.context, num_steps=num_steps, generator=generator)
-        scores = task.score(x0, cond)
+
+    def score(item):
+        x0, cond = item
+        return x0, cond, task.score(x0, cond)
+
+    scored = []
+    with ScoringPipeline(score) as pipeline:
+        for start in chunks:
+            cond = task.conditions(min(batch_size, n - start), generator)
+            x0 = model.sample(cond.shape, cond.node_mask, cond.context, num_steps=num_steps, generator=generator)
+            pipeline.submit((x0, cond))  # scored while the next batch is sampled
+            if not pipelined:  # wait for this batch's rewards before sampling the next
+                scored += pipeline.results()
+        scored += pipeline.results()
+    molecules, values, valid, props, targets = [], [], [], [], []
+    for x0, cond, scores in scored:
+        scores = scores.to("cpu")
         molecules += task.decode(x0, cond).molecules()
         values.append(scores.values)
         valid.append(scores.valid)
         props.append(scores.property if scores.property is not None else torch.full_like(scores.values, math.nan))
-        targets.append(cond.targets if cond.targets is not None else torch.full_like(scores.values, math.nan))
+        targets.append(cond.targets.cpu() if cond.targets is not None else torch.full_like(scores.values, math.nan))
     values_t, valid_t = torch.cat(values).numpy(), torch.cat(valid).numpy()
     prop_t, target_t = torch.cat(props).numpy(), torch.cat(targets).numpy()
     metrics = evaluate_molecules(molecules)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rgdm import distributed
 from rgdm.data.batch import MoleculeBatch
 from rgdm.data.dataset import MoleculeDataset, sample_with_property
 from rgdm.data.properties import PROPERTIES, UNITS
@@ -246,8 +247,8 @@ def guided_sample(model: MoleculeDiffusion, node_mask: Tensor, context: Tensor |
     grid = model.time_grid(num_steps)
     batch = shape[0]
     for t_int, s_int in zip(grid[:-1], grid[1:]):
-        t = torch.full((batch,), t_int, dtype=torch.long)
-        s = torch.full((batch,), s_int, dtype=torch.long)
+        t = torch.full((batch,), t_int, dtype=torch.long, device=z.device)
+        s = torch.full((batch,), s_int, dtype=torch.long, device=z.device)
         eps = model.predict_eps(z, t, node_mask, context)
         mean, std = model.step_distribution(z, t, s, node_mask, context, eta, eps=eps)
         if scale > 0:
@@ -255,7 +256,7 @@ def guided_sample(model: MoleculeDiffusion, node_mask: Tensor, context: Tensor |
             grad = property_gradient(model, regressor, x0, node_mask, target)
             mean = model.project(mean - scale * model.schedule.alpha(s)[0] * grad, node_mask)
         z = mean + std.view(-1, 1, 1) * model.noise(mean, node_mask, generator)
-    x = model.predict_x0(z, torch.zeros(batch, dtype=torch.long), node_mask, context)
+    x = model.predict_x0(z, torch.zeros(batch, dtype=torch.long, device=z.device), node_mask, context)
     return model.project(x, node_mask)
 
 
@@ -264,21 +265,24 @@ def generate(model: MoleculeDiffusion, prop: str, targets: Targets, num_steps: i
              batch_size: int = 250, guidance: tuple[PropertyRegressor, float] | None = None) -> list[MoleculeBatch]:
     """One molecule per (node count, target), in chunks; the same seed gives the same noise.
 
-    ``guidance = (regressor, scale)`` adds gradient guidance (:func:`guided_sample`).
+    ``guidance = (regressor, scale)`` adds gradient guidance (:func:`guided_sample`). Noise is drawn
+    on the model's device (the regressor must be on it too); the batches come back on the CPU.
     """
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    device = distributed.module_device(model)
+    generator = distributed.generator_on(device, seed)
     out = []
     for chunk in targets.chunks(batch_size):
-        node_mask = model.mask_from_counts(chunk.node_counts)
-        context = context_for(model, prop, chunk.values)
+        node_mask = model.mask_from_counts(chunk.node_counts.to(device))
+        context = context_for(model, prop, chunk.values.to(device))
         if guidance is None:
             shape = (len(chunk), node_mask.shape[1], 3 + model.n_features)
             z = model.sample(shape, node_mask, context, num_steps=num_steps, generator=generator)
         else:
             regressor, scale = guidance
-            z = guided_sample(model, node_mask, context, regressor, chunk.values, scale, num_steps, generator=generator)
-        batch = model.decode(z, node_mask)
+            z = guided_sample(model, node_mask, context, regressor, chunk.values.to(device), scale, num_steps,
+                              generator=generator)
+        batch = model.decode(z, node_mask).to("cpu")
         batch.properties = {prop: chunk.values.float()}
         out.append(batch)
     return out

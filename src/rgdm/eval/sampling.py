@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from rgdm import distributed
 from rgdm.data.batch import MoleculeBatch
 from rgdm.diffusion.molecules import MoleculeDiffusion
 from rgdm.eval.molecules import evaluate_molecules
@@ -16,8 +17,8 @@ from rgdm.eval.molecules import evaluate_molecules
 
 def sample_in_chunks(model: MoleculeDiffusion, n: int, batch_size: int = 100, num_steps: int | None = None,
                      seed: int = 0, progress: bool = True) -> list[MoleculeBatch]:
-    """``n`` molecules in batches, reproducible from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
+    """``n`` molecules in batches, reproducible from ``seed`` (noise drawn on the model's device)."""
+    generator = distributed.generator_on(distributed.module_device(model), seed)
     chunks = []
     iterator = range(0, n, batch_size)
     if progress:

@@ -103,15 +103,24 @@ def prune_checkpoints(directory: str | Path, keep: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {
+    """The global random states; with CUDA in use, the CUDA generators' states too (CPU byte tensors)."""
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": _numpy_state_plain(np.random.get_state()),
         "python": _python_state_plain(random.getstate()),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``. CUDA states are restored where this process uses as many CUDA devices;
+    a checkpoint written on a GPU and resumed on a CPU continues the CPU streams only."""
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rgdm import distributed
 from rgdm.config import DDPOConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.normalizer import RewardNormalizer
@@ -83,7 +84,7 @@ def tracked_advantages(tracker: RewardNormalizer, rewards: Tensor, targets: Tens
 
 def batch_advantages(rewards: Tensor, targets: Tensor | None, normalize: bool = True) -> Tensor:
     """PPO's advantages: (r - mean) / std over this batch's samples of the same target (RLPF)."""
-    keys = torch.zeros(len(rewards)) if targets is None else targets
+    keys = torch.zeros(len(rewards), device=rewards.device) if targets is None else targets
     advantages = torch.zeros_like(rewards)
     for key in keys.unique():
         group = keys == key
@@ -127,8 +128,11 @@ class ReplayBatch:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> ReplayBatch:
-        cond = dict(state["conditions"])
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> ReplayBatch:
+        """Rebuild a saved batch on ``device`` (checkpoints are read onto the CPU)."""
+        on = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
+        state = {key: on(value) for key, value in state.items()}
+        cond = {key: on(value) for key, value in state["conditions"].items()}
         cond["shape"] = tuple(cond["shape"])
         traj = Trajectories(Conditions(**cond), **{f.name: state[f.name] for f in fields(Trajectories)
                                                      if f.name != "conditions"})
@@ -155,10 +159,11 @@ class DDPOObjective:
         self.tracker = RewardNormalizer(config.tracker_buffer, config.tracker_min_count)
         self.reward_calls = 0
         self.batch: ReplayBatch | None = None
+        self.device = distributed.module_device(model)  # where a resumed replay batch goes
 
     def loss(self, model: GaussianDiffusion, step: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = distributed.generator_on(distributed.module_device(model), self.seed * 1_000_003 + step)
         update = step % cfg.updates_per_batch
         if update == 0 or self.batch is None:
             self.batch = self._collect(model, step, generator)
@@ -217,12 +222,13 @@ class DDPOObjective:
         n_steps = traj.log_probs.shape[0]
         k = max(1, round(cfg.timestep_fraction * n_steps))
         # DDPO trains on a random subset of steps, drawn independently for every trajectory.
-        steps = torch.rand(len(rows), n_steps, generator=generator).argsort(dim=1)[:, :k]
+        rows = rows.to(traj.x0.device)
+        steps = torch.rand(len(rows), n_steps, generator=generator, device=rows.device).argsort(dim=1)[:, :k]
         n_terms = len(rows) * k
         mine = (rows >= batch.start) & (rows < batch.start + traj.x0.shape[0])  # rows this rank rolled out
         steps = steps[mine].reshape(-1)
         rows = (rows[mine] - batch.start).repeat_interleave(k)
-        grid = torch.tensor(traj.grid)
+        grid = torch.tensor(traj.grid, device=rows.device)
         cond = traj.conditions.select(rows)
         z_t, z_s = traj.states[steps, rows], traj.states[steps + 1, rows]
         t, s = grid[steps], grid[steps + 1]
@@ -262,4 +268,5 @@ class DDPOObjective:
         self.task.load_state_dict(state["task"])
         if self.reference is not None and state.get("reference") is not None:
             self.reference.load_state_dict(state["reference"])
-        self.batch = None if state.get("batch") is None else ReplayBatch.from_state_dict(state["batch"])
+        self.batch = (None if state.get("batch") is None
+                      else ReplayBatch.from_state_dict(state["batch"], self.device))

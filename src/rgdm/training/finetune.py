@@ -19,9 +19,9 @@ from rgdm.training.tasks import MoleculeTask
 log = logging.getLogger("rgdm.training")
 
 
-def join_process_group(batch_size: int) -> None:
-    """Join ``torchrun``'s process group (CPU, gloo); every rank needs at least one roll-out."""
-    distributed.init_from_env(torch.device("cpu"))
+def join_process_group(batch_size: int, device: torch.device | None = None) -> None:
+    """Join ``torchrun``'s process group (gloo on the CPU, nccl on CUDA); every rank needs a roll-out."""
+    distributed.init_from_env(device or torch.device("cpu"))
     if batch_size < distributed.world_size():
         raise ConfigError(f"batch_size: {batch_size} roll-outs per iteration cannot be split over "
                           f"{distributed.world_size()} processes")
@@ -51,26 +51,33 @@ def build_objective(config: FinetuneConfig, model, task: MoleculeTask):
 
 
 def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-             tensorboard: bool = True, reward=None) -> Trainer:
+             tensorboard: bool = True, reward=None, device: str = "cpu") -> Trainer:
     """Fine-tune ``config.base`` toward ``config.reward`` with ``config.method`` (RGDM, or the DDPO
     and RWR baselines) in ``run_dir``, resumable bit-for-bit.
 
     ``reward`` overrides ``config.reward`` with a reward object (e.g. ``reward_from_function(f)``).
     Launched by ``torchrun``, every process rolls out and scores its share of each global batch
-    (CPU processes, gloo) and the run follows the single-process trajectory; rank 0 writes the run.
+    and the run follows the single-process trajectory; rank 0 writes the run.
+
+    ``device``: ``auto``, ``cpu`` or ``cuda``. The model, the roll-outs' tensors and their random
+    generators live there (``distributed.generator_on``); on CUDA the network runs under bfloat16
+    autocast while log-probabilities, weights and losses stay float32. Rewards are always computed on
+    the CPU (their scores are moved to the device). CPU runs draw exactly the numbers they always did.
     """
     from rgdm.eval.molecules import evaluate_molecules
     from rgdm.eval.strict import strict_metrics
     from rgdm.rewards import make_reward
 
     run_dir = Path(run_dir)
-    join_process_group(config.method_config.batch_size)
+    torch_device = distributed.resolve_device(device)
+    join_process_group(config.method_config.batch_size, torch_device)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    loaded = load_model(config.base)  # a missing base fails before the run directory is created
+    loaded = load_model(config.base, device=torch_device)  # a missing base fails before the run directory exists
     prepare_run_dir(run_dir, resume)
     distributed.seed_rank(config.train.seed)
     model = loaded.model.train()
+    model.bf16_network = torch_device.type == "cuda"  # before the objective copies it as its reference
     reward = reward if reward is not None else make_reward(config.reward)
     task = build_task(config, model, loaded.config, reward)
     objective = build_objective(config, model, task)
@@ -79,7 +86,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     def evaluate(current, step: int) -> dict[str, float]:
         if config.eval_samples == 0:
             return {}
-        generator = torch.Generator().manual_seed(10_000 + config.train.seed)
+        generator = distributed.generator_on(torch_device, 10_000 + config.train.seed)
         cond = task.conditions(config.eval_samples, generator)
         current.eval()
         x0 = current.sample(cond.shape, cond.node_mask, cond.context, num_steps=sampling_steps, generator=generator)
@@ -115,17 +122,18 @@ REPORT_SAMPLING_STEPS = 50
 
 
 def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, compare: int = 200,
-                        command: str = "", progress: bool = True,
-                        sampling_steps: int = REPORT_SAMPLING_STEPS) -> dict[str, dict[str, float]] | None:
+                        command: str = "", progress: bool = True, sampling_steps: int = REPORT_SAMPLING_STEPS,
+                        device: str = "cpu") -> dict[str, dict[str, float]] | None:
     """Fine-tune, then sample ``compare`` molecules before and after (``sampling_steps`` DDIM steps,
     whatever the method trained with) and write ``report.md`` and ``report.html``."""
     from rgdm.report import finetune_report
     from rgdm.rewards import make_reward
 
-    trainer = finetune(config, run_dir, resume=resume, progress=progress)
+    trainer = finetune(config, run_dir, resume=resume, progress=progress, device=device)
     if not compare or not distributed.is_main():
         return None
-    base = load_model(config.base)
+    base = load_model(config.base, device=distributed.module_device(trainer.model))
+    base.model.bf16_network = trainer.model.bf16_network
     with make_reward(config.reward) as reward:
         task = build_task(config, base.model, base.config, reward)
         return finetune_report(run_dir, base.model, trainer.model, task, compare, sampling_steps,

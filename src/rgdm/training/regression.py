@@ -165,8 +165,12 @@ class RegressionResult:
 
 
 def train_regressor(config: RegressorConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-                    tensorboard: bool = True) -> RegressionResult:
-    """Train ``config`` in ``run_dir`` (or continue it with ``resume``); evaluate on the test split."""
+                    tensorboard: bool = True, device: str = "cpu") -> RegressionResult:
+    """Train ``config`` in ``run_dir`` (or continue it with ``resume``); evaluate on the test split.
+
+    ``device``: ``auto``, ``cpu`` or ``cuda``; the regressor trains in float32 on either.
+    """
+    torch_device = distributed.resolve_device(device)
     if distributed.launched_by_torchrun():
         raise ConfigError("train-regressor: run one process (data-parallel training is for diffusion models)")
     run_dir = Path(run_dir)
@@ -176,8 +180,9 @@ def train_regressor(config: RegressorConfig, run_dir: str | Path, resume: bool =
     prepare_run_dir(run_dir, resume)
     spec = spec_for(config, train_data)
     torch.manual_seed(config.train.seed)
-    model = PropertyRegressor(spec)
-    objective = RegressionObjective(train_data, spec.property_name, config.train.batch_size, config.train.seed)
+    model = PropertyRegressor(spec).to(torch_device)
+    objective = RegressionObjective(train_data, spec.property_name, config.train.batch_size, config.train.seed,
+                                    torch_device)
 
     def evaluate(eval_model: PropertyRegressor, step: int) -> dict[str, float]:
         if config.train.val_batches == 0:

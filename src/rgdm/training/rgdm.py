@@ -40,7 +40,7 @@ from rgdm import distributed
 from rgdm.config import RGDMConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.normalizer import RewardNormalizer
-from rgdm.training.rollouts import Trajectories, collect_trajectories, weighted_denoising_loss
+from rgdm.training.rollouts import Trajectories, collect_trajectories, step_times, weighted_denoising_loss
 from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
 
 # ------------------------------------------------------------------------------------------------- #
@@ -75,8 +75,8 @@ def temperature_for_ess(values: Tensor, log_base: Tensor, target_ess: float, low
     ``values`` is [..., K] or [..., K, M] as in ``payoff_log_weights``.
     """
     rows = log_base.shape[:-1]
-    lo = torch.full(rows, math.log(low), dtype=values.dtype)
-    hi = torch.full(rows, math.log(high), dtype=values.dtype)
+    lo = torch.full(rows, math.log(low), dtype=values.dtype, device=values.device)
+    hi = torch.full(rows, math.log(high), dtype=values.dtype, device=values.device)
     for _ in range(iterations):
         mid = (lo + hi) / 2
         ess = effective_sample_size(payoff_log_weights(values, mid.exp(), log_base))
@@ -170,9 +170,8 @@ class RGDMObjective:
     def _grid(self, model: GaussianDiffusion) -> list[int]:
         return model.time_grid(self.config.sampling_steps or None)
 
-    @staticmethod
-    def _times(t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:
-        return torch.full((n,), t_int, dtype=torch.long), torch.full((n,), s_int, dtype=torch.long)
+    def _times(self, t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:
+        return step_times(t_int, s_int, n, distributed.module_device(self.reference))
 
     # -- look-ahead ------------------------------------------------------------------------ #
 
@@ -222,8 +221,8 @@ class RGDMObjective:
     def _score(self, z: Tensor, cond: Conditions, t_int: int = 0) -> Scores:
         """The reward of the reference model's estimate of x_0 from z at time ``t_int``."""
         ref, n = self.reference, z.shape[0]
-        x0 = ref.project(ref.predict_x0(z, torch.full((n,), t_int, dtype=torch.long), cond.node_mask, cond.context),
-                         cond.node_mask)
+        x0 = ref.project(ref.predict_x0(z, torch.full((n,), t_int, dtype=torch.long, device=z.device),
+                                        cond.node_mask, cond.context), cond.node_mask)
         self._local_calls += n
         return self.task.score(x0, cond)
 
@@ -278,7 +277,7 @@ class RGDMObjective:
         b = mean.shape[0]
         shape = (b, k, *mean.shape[1:])
         if cfg.shift == "none" or k == 1:
-            return torch.zeros(shape, dtype=mean.dtype)
+            return torch.zeros(shape, dtype=mean.dtype, device=mean.device)
         rad = radius.view(b, 1, *([1] * (mean.dim() - 1)))
         n_dirs = k - 1 if cfg.shift == "random" else cfg.num_probes
         cond_d = cond.repeat(n_dirs)
@@ -305,9 +304,9 @@ class RGDMObjective:
                 norms = ref.sq_norm(shifts.reshape(b * (k - 1), *mean.shape[1:]),
                                     cond.repeat(k - 1).node_mask).sqrt().view(b, k - 1, *([1] * (mean.dim() - 1)))
                 shifts = shifts * torch.clamp(rad / norms.clamp(min=1e-12), max=1.0)  # stay feasible
-                zero = torch.zeros((b, 1, *mean.shape[1:]), dtype=mean.dtype)
+                zero = torch.zeros((b, 1, *mean.shape[1:]), dtype=mean.dtype, device=mean.device)
                 return torch.cat([zero, shifts], dim=1)
-        zero = torch.zeros((b, 1, *mean.shape[1:]), dtype=mean.dtype)
+        zero = torch.zeros((b, 1, *mean.shape[1:]), dtype=mean.dtype, device=mean.device)
         return torch.cat([zero, rad * chosen], dim=1)
 
     def _point_values(self, z_s: Tensor, s_int: int, cond: Conditions, shard: BatchShard, repeats: int,
@@ -348,7 +347,7 @@ class RGDMObjective:
 
     def loss(self, model: GaussianDiffusion, step: int) -> tuple[Tensor, dict[str, float]]:
         """This rank's share of the RGDM loss at ``step`` (+ lambda_mle times the data term's share)."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = distributed.generator_on(distributed.module_device(model), self.seed * 1_000_003 + step)
         shard = BatchShard.of(self.task.conditions(self.config.batch_size, generator))
         self._local_calls = 0
         if self.config.variant == "sequence":
@@ -382,7 +381,7 @@ class RGDMObjective:
         if cfg.adapt_tau:
             tau = temperature_for_ess(scaled, log_base, cfg.target_ess * log_base.shape[-1])
         else:
-            tau = torch.full(log_base.shape[:-1], cfg.tau, dtype=values.dtype)
+            tau = torch.full(log_base.shape[:-1], cfg.tau, dtype=values.dtype, device=values.device)
         log_weights = payoff_log_weights(scaled, tau, log_base)
         groups = log_base.shape[-1] // (2 if cfg.antithetic else 1)
         if cfg.weight_normalisation == "jackknife" and groups >= 2:
@@ -403,7 +402,8 @@ class RGDMObjective:
         final = self.task.score(traj.x0, cond).gathered(shard)
         self._local_calls += cond.batch_size
         n_pairs = len(grid) - 1
-        picks = torch.randperm(n_pairs, generator=generator)[: min(cfg.explore_steps, n_pairs)].sort().values
+        picks = torch.randperm(n_pairs, generator=generator, device=generator.device)[
+            : min(cfg.explore_steps, n_pairs)].sort().values
         total, ess_all, entropy_all, tau_all = 0.0, [], [], []
         for idx in picks.tolist():
             t_int, s_int = grid[idx], grid[idx + 1]
@@ -500,7 +500,8 @@ class RGDMObjective:
         """
         cfg, cond = self.config, traj.conditions
         n_pairs = len(traj.grid) - 1
-        picks = torch.randperm(n_pairs, generator=generator)[: cfg.path_steps or n_pairs].sort().values
+        picks = torch.randperm(n_pairs, generator=generator, device=generator.device)[
+            : cfg.path_steps or n_pairs].sort().values
         total = 0.0
         for idx in picks.tolist():
             t, s = self._times(traj.grid[idx], traj.grid[idx + 1], cond.batch_size)
@@ -555,8 +556,9 @@ def explore_sample(model: GaussianDiffusion, task: Task, config: RGDMConfig, n: 
         exp = sampler.explore(z, t_int, s_int, shard, generator)
         weights, _ = sampler._weights(exp.values, exp.log_proposal_ratio, cond.targets)
         pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-        z = exp.candidates[torch.arange(n), pick]
-    x0 = model.project(model.predict_x0(z, torch.zeros(n, dtype=torch.long), cond.node_mask, cond.context),
+        z = exp.candidates[torch.arange(n, device=z.device), pick]
+    x0 = model.project(model.predict_x0(z, torch.zeros(n, dtype=torch.long, device=z.device), cond.node_mask,
+                                        cond.context),
                        cond.node_mask)
     return x0, cond, sampler._local_calls
 

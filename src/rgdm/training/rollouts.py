@@ -46,8 +46,10 @@ class Trajectories:
         return per_step.sum(0)
 
 
-def step_times(t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:
-    return torch.full((n,), t_int, dtype=torch.long), torch.full((n,), s_int, dtype=torch.long)
+def step_times(t_int: int, s_int: int, n: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The times t and s of one reverse step for ``n`` rows, as long tensors on ``device``."""
+    return (torch.full((n,), t_int, dtype=torch.long, device=device),
+            torch.full((n,), s_int, dtype=torch.long, device=device))
 
 
 def gaussian_kl(model: GaussianDiffusion, mean: Tensor, reference_mean: Tensor, std: Tensor,
@@ -66,21 +68,22 @@ def collect_trajectories(model: GaussianDiffusion, batch: BatchShard | Condition
     cond = shard.conditions
     n, mask, context = cond.batch_size, cond.node_mask, cond.context
     z = shard.noise(model, generator)
+    device = z.device
     states, log_probs, reference_log_probs, kls = [z], [], [], []
     for t_int, s_int in zip(grid[:-1], grid[1:]):
-        t, s = step_times(t_int, s_int, n)
+        t, s = step_times(t_int, s_int, n, device)
         out = model.step(z, t, s, mask, context, eta=eta, noise=shard.noise(model, generator))
         if out.log_prob is None and stochastic:
             raise ValueError(f"the step {t_int} -> {s_int} is deterministic (eta = {eta}): policy-gradient "
                              "methods need a stochastic sampler, eta > 0")
-        log_probs.append(out.log_prob if out.log_prob is not None else torch.zeros(n))
+        log_probs.append(out.log_prob if out.log_prob is not None else torch.zeros(n, device=device))
         if reference is not None:
             reference_mean, reference_std = reference.step_distribution(z, t, s, mask, context, eta)
             reference_log_probs.append(reference.log_prob(out.sample, reference_mean, reference_std, mask))
             kls.append(gaussian_kl(model, out.mean, reference_mean, out.std, mask))
         z = out.sample
         states.append(z)
-    x0 = model.project(model.predict_x0(z, step_times(0, 0, n)[0], mask, context), mask)
+    x0 = model.project(model.predict_x0(z, step_times(0, 0, n, device)[0], mask, context), mask)
     stack = lambda values: torch.stack(values) if values else None  # noqa: E731
     return Trajectories(cond, list(grid), torch.stack(states), torch.stack(log_probs), x0,
                         stack(reference_log_probs), stack(kls))
@@ -95,7 +98,7 @@ def weighted_denoising_loss(model: GaussianDiffusion, x0: Tensor, shard: BatchSh
     cond = shard.conditions
     losses = []
     for _ in range(repeats):
-        t = torch.randint(0, model.timesteps + 1, (shard.global_size,), generator=generator)
+        t = torch.randint(0, model.timesteps + 1, (shard.global_size,), generator=generator, device=x0.device)
         noise = shard.noise(model, generator)
         losses.append(model.loss(x0, cond.node_mask, cond.context, t=shard.local(t), noise=noise))
     return (torch.stack(losses).mean(0) * weights).sum()

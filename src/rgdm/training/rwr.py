@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rgdm import distributed
 from rgdm.config import RWRConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.ddpo import checked_rewards
@@ -56,7 +57,7 @@ class RWRObjective:
     def loss(self, model: GaussianDiffusion, step: int) -> tuple[Tensor, dict[str, float]]:
         """This rank's share of the weighted denoising loss (weights over the global batch)."""
         cfg = self.config
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = distributed.generator_on(distributed.module_device(model), self.seed * 1_000_003 + step)
         shard = BatchShard.of(self.task.conditions(cfg.batch_size, generator))
         x0, log_base = self._samples(model, shard, generator)
         scores = self.task.score(x0, shard.conditions).gathered(shard)
@@ -92,7 +93,7 @@ class RWRObjective:
             return traj.x0, log_ratio
         sampler = self.reference if cfg.variant == "reference_samples" else model
         traj = collect_trajectories(sampler, shard, grid, cfg.eta, generator, stochastic=False)
-        return traj.x0, torch.zeros(shard.global_size)
+        return traj.x0, torch.zeros(shard.global_size, device=traj.x0.device)
 
     def _scaled(self, rewards: Tensor, targets: Tensor | None) -> Tensor:
         """Rewards in the units beta applies to: raw, or normalised per target (statistics of every

@@ -449,7 +449,7 @@ class ShapeTask:
     def score(self, x0: Tensor, conditions: Conditions) -> Scores:
         self.calls += x0.shape[0]
         clouds = [((), cloud) for cloud in x0.detach().cpu()]
-        return scores_from_result(self.reward(clouds))
+        return scores_from_result(self.reward(clouds)).to(x0.device)
 
     def data_loss(self, model: PointCloudDiffusion, step: int) -> Tensor | None:
         if self.stream is None:

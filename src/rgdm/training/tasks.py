@@ -98,6 +98,11 @@ class Scores:
     valid: Tensor
     property: Tensor | None = None
 
+    def to(self, device: torch.device | str) -> Scores:
+        """The same scores on ``device`` (rewards are computed on the CPU; weights live with the model)."""
+        prop = None if self.property is None else self.property.to(device)
+        return Scores(self.values.to(device), self.valid.to(device), prop)
+
     def gathered(self, shard: BatchShard) -> Scores:
         """The scores of the whole global batch (identity outside a data-parallel run)."""
         prop = None if self.property is None else shard.gather(self.property)
@@ -267,7 +272,8 @@ class MoleculeTask:
         if target == "data" and (dataset is None or target_property not in dataset.properties):
             raise ValueError("target 'data' needs a data set with the target property")
         # The data term is pre-training's objective (sharded over ranks) with its own noise stream.
-        self.data_objective = (DenoisingObjective(dataset, mle_batch_size, seed, noise_offset=DATA_NOISE_OFFSET)
+        self.data_objective = (DenoisingObjective(dataset, mle_batch_size, seed, distributed.module_device(model),
+                                                  noise_offset=DATA_NOISE_OFFSET)
                                if mle_batch_size and dataset is not None else None)
 
     def conditions(self, n: int, generator=None) -> Conditions:
@@ -277,11 +283,11 @@ class MoleculeTask:
             from rgdm.data.dataset import sample_with_property
 
             counts, targets = sample_with_property(self.dataset, self.target_property, n, generator)
-            targets = targets.float()
+            targets = targets.float().to(model.node_count_probs.device)
         else:
             counts = model.sample_node_counts(n, generator)
             if self.target is not None:
-                targets = torch.full((n,), float(self.target))
+                targets = torch.full((n,), float(self.target), device=model.node_count_probs.device)
         node_mask = model.mask_from_counts(counts)
         context = None
         if model.context_names:
@@ -295,8 +301,9 @@ class MoleculeTask:
         return self.model.decode(x0, conditions.node_mask)
 
     def score(self, x0: Tensor, conditions: Conditions) -> Scores:
-        batch = self.decode(x0, conditions)
-        return scores_from_result(self.reward(batch, conditions.targets))
+        batch = self.decode(x0, conditions).to("cpu")  # rewards read molecules on the CPU
+        targets = None if conditions.targets is None else conditions.targets.cpu()
+        return scores_from_result(self.reward(batch, targets)).to(x0.device)
 
     def data_loss(self, model, step: int) -> Tensor | None:
         if self.data_objective is None:
