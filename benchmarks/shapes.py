@@ -36,17 +36,11 @@ import torch
 from rgdm.config import load_config
 from rgdm.data.shapes import subsample_points
 from rgdm.eval.shapes import evaluate_shape_samples, render_point_clouds
-from rgdm.training.shapes import (
-    ClassifierConfig,
-    ShapeFinetuneConfig,
-    ShapeRunConfig,
-    finetune_shapes,
-    load_classifier,
-    load_shape_model,
-    load_shape_split,
-    pretrain_shapes,
-    train_classifier,
-)
+from rgdm.training.classifier import ClassifierConfig, load_classifier, train_classifier
+from rgdm.training.finetune import finetune
+from rgdm.training.pretrain import pretrain
+from rgdm.training.shape_configs import ShapeFinetuneConfig, ShapeRunConfig
+from rgdm.training.shapes import load_shape_model, load_shape_split
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -62,7 +56,7 @@ def pretrain_stage(config_name: str, run_dir: Path, minutes: float) -> None:
         return
     overrides = {"name": run_dir.name, "train.max_minutes": minutes, "train.num_threads": 1}
     cfg = load_config(CONFIGS / config_name, ShapeRunConfig, overrides)
-    pretrain_shapes(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False)
+    pretrain(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False)
 
 
 def classifier_stage(run_dir: Path, minutes: float) -> dict[str, float]:
@@ -83,7 +77,7 @@ def finetune_stage(method: str, base: Path, classifier: Path, target: str, run_d
         cfg.train.max_minutes = minutes
         cfg.train.lr = lr
         cfg.train.num_threads = 1
-        finetune_shapes(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False)
+        finetune(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False)
     return json.loads((run_dir / "last_metrics.json").read_text())
 
 

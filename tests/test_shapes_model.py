@@ -12,16 +12,11 @@ from rgdm.diffusion.pointclouds import PointCloudDiffusion
 from rgdm.diffusion.schedule import NoiseSchedule
 from rgdm.models.pointnet import PointNetDenoiser
 from rgdm.rewards import make_reward, reward_from_function
+from rgdm.training.classifier import ClassifierConfig, load_classifier, train_classifier
 from rgdm.training.ddpo import DDPOConfig, DDPOObjective
 from rgdm.training.rgdm import RGDMObjective
-from rgdm.training.shapes import (
-    ClassifierConfig,
-    ShapeDataConfig,
-    ShapeRunConfig,
-    ShapeTask,
-    load_classifier,
-    train_classifier,
-)
+from rgdm.training.shape_configs import ShapeDataConfig, ShapeRunConfig
+from rgdm.training.shapes import ShapeTask
 
 TWO_CLASSES = ["ring_knot", "blob"]
 

@@ -6,8 +6,10 @@ domain modules can all use it without importing each other.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -47,6 +49,20 @@ def refuse_to_overwrite(paths: list[Path], overwrite: bool) -> None:
     existing = [path for path in paths if path.exists()]
     if existing and not overwrite:
         raise ConfigError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another --out")
+
+
+@contextlib.contextmanager
+def claim_and_echo(config: Any, name: str | None, resume: bool) -> Iterator[Path]:
+    """Claim ``runs/<config.name>`` for a training command (a fresh name unless ``--name`` or
+    ``--resume`` says otherwise), yield it, then say where the checkpoints are."""
+    from rgdm.cli_runs import claimed_run, run_name
+
+    if name is not None:
+        checked_name(name)
+    config.name = run_name(config.name, explicit=name is not None, resume=resume)
+    with claimed_run(config.name, explicit=name is not None, resume=resume) as run_dir:
+        yield run_dir
+    typer.echo(f"checkpoints in {run_dir / 'checkpoints'}")
 
 
 def run_dir_of(source: str | Path) -> Path:

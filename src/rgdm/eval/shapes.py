@@ -97,7 +97,8 @@ def shape_report(models: Mapping[str, str | Path], classifier: str | Path, targe
     Writes ``report.md``, ``metrics.json`` and ``samples.png`` (one row of renders per model) to
     ``out``; the reference set is the test split of the target class, in the first model's data frame.
     """
-    from rgdm.training.shapes import load_classifier, load_shape_model, load_shape_split
+    from rgdm.training.classifier import load_classifier
+    from rgdm.training.shapes import load_shape_model, load_shape_split
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

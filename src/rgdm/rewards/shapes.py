@@ -128,7 +128,7 @@ def aspect_ratio() -> CloudFunction:
 @functools.lru_cache(maxsize=8)
 def cached_classifier(checkpoint: str) -> PointNetClassifier:
     """The classifier of a checkpoint file, loaded once per process."""
-    from rgdm.training.shapes import load_classifier
+    from rgdm.training.classifier import load_classifier
 
     return load_classifier(checkpoint)
 

@@ -1,4 +1,5 @@
-"""Reward-driven fine-tuning of a pre-trained molecule model, as one function."""
+"""Reward-driven fine-tuning of a pre-trained model of any domain, as one function (and, for
+molecules, with the before/after report)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import torch
 
 from rgdm import distributed
 from rgdm.config import ConfigError, FinetuneConfig, save_config
-from rgdm.runs import load_model, load_training_data
+from rgdm.runs import load_model
 from rgdm.training.loop import Trainer
 from rgdm.training.pretrain import prepare_run_dir
 from rgdm.training.rgdm import RGDMObjective
-from rgdm.training.tasks import MoleculeTask
+from rgdm.training.tasks import Task
 
 log = logging.getLogger("rgdm.training")
 
@@ -27,16 +28,7 @@ def join_process_group(batch_size: int, device: torch.device | None = None) -> N
                           f"{distributed.world_size()} processes")
 
 
-def build_task(config: FinetuneConfig, model, base_config, reward) -> MoleculeTask:
-    method = config.method_config
-    needs_data = method.lambda_mle > 0 or bool(config.target_from_data)
-    dataset = load_training_data(base_config) if needs_data else None
-    target: Any = "data" if config.target_from_data else config.target
-    return MoleculeTask(model, reward, dataset, target=target, target_property=config.target_from_data or None,
-                        mle_batch_size=method.mle_batch_size if method.lambda_mle > 0 else 0, seed=config.train.seed)
-
-
-def build_objective(config: FinetuneConfig, model, task: MoleculeTask):
+def build_objective(config: Any, model, task: Task):
     """The objective of ``config.method`` on the shared training loop."""
     if config.method in ("ddpo", "ppo"):
         from rgdm.training.ddpo import DDPOObjective
@@ -50,11 +42,14 @@ def build_objective(config: FinetuneConfig, model, task: MoleculeTask):
     return RGDMObjective(model, task, config.rgdm, seed=config.train.seed)
 
 
-def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+def finetune(config: Any, run_dir: str | Path, resume: bool = False, progress: bool = True,
              tensorboard: bool = True, reward=None, device: str = "cpu") -> Trainer:
     """Fine-tune ``config.base`` toward ``config.reward`` with ``config.method`` (RGDM, or the DDPO
     and RWR baselines) in ``run_dir``, resumable bit-for-bit.
 
+    ``config`` is the fine-tuning config of a domain (``rgdm.domains``): a ``FinetuneConfig``
+    (molecules), a ``ShapeFinetuneConfig`` (shapes), an ``AnalyticFinetuneConfig``; the domain
+    loads the base model and builds the reward, the task and the evaluation during training.
     ``reward`` overrides ``config.reward`` with a reward object (e.g. ``reward_from_function(f)``).
     Launched by ``torchrun``, every process rolls out and scores its share of each global batch
     and the run follows the single-process trajectory; rank 0 writes the run.
@@ -64,46 +59,25 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, resume: bool = False, 
     autocast while log-probabilities, weights and losses stay float32. Rewards are always computed on
     the CPU (their scores are moved to the device). CPU runs draw exactly the numbers they always did.
     """
-    from rgdm.eval.molecules import evaluate_molecules
-    from rgdm.eval.strict import strict_metrics
-    from rgdm.rewards import make_reward
+    from rgdm.domains import domain_of_config
 
+    domain = domain_of_config(config)
+    config.validate()
     run_dir = Path(run_dir)
     torch_device = distributed.resolve_device(device)
     join_process_group(config.method_config.batch_size, torch_device)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    loaded = load_model(config.base, device=torch_device)  # a missing base fails before the run directory exists
+    loaded = domain.load_model(config.base, device=torch_device)  # a missing base fails before the run dir exists
     prepare_run_dir(run_dir, resume)
     distributed.seed_rank(config.train.seed)
     model = loaded.model.train()
     model.bf16_network = torch_device.type == "cuda"  # before the objective copies it as its reference
-    reward = reward if reward is not None else make_reward(config.reward)
-    task = build_task(config, model, loaded.config, reward)
+    reward = reward if reward is not None else domain.make_reward(config.reward)
+    task = domain.build_task(config, loaded, model, reward)
     objective = build_objective(config, model, task)
-    sampling_steps = config.method_config.sampling_steps or None
-
-    def evaluate(current, step: int) -> dict[str, float]:
-        if config.eval_samples == 0:
-            return {}
-        generator = distributed.generator_on(torch_device, 10_000 + config.train.seed)
-        cond = task.conditions(config.eval_samples, generator)
-        current.eval()
-        x0 = current.sample(cond.shape, cond.node_mask, cond.context, num_steps=sampling_steps, generator=generator)
-        batch = task.decode(x0, cond)
-        metrics = evaluate_molecules(batch)
-        scores = task.score(x0, cond)
-        out = {f"eval_{k}": float(v) for k, v in metrics.items() if k != "n_molecules"}
-        # the strict row's cheap part (no PoseBusters during training): one fragment holds every atom
-        out["eval_connected_validity"] = float(strict_metrics(batch, posebusters=False)["connected_validity"])
-        out["eval_reward_mean"] = scores.values.mean().item()
-        if scores.property is not None and torch.isfinite(scores.property).any():
-            out["eval_property_mean"] = scores.property[torch.isfinite(scores.property)].mean().item()
-        return out
-
-    run_info = {"kind": "finetune", "config": config.to_dict(), "base_config": loaded.config.to_dict(),
-                "model_spec": loaded.spec.to_dict(), "base_checkpoint": str(loaded.checkpoint)}
-    trainer = Trainer(model, objective, config.train, run_dir, run_info, evaluate, tensorboard, progress)
+    trainer = Trainer(model, objective, config.train, run_dir, domain.finetune_run_info(config, loaded),
+                      domain.finetune_validation(config, task, torch_device), tensorboard, progress)
     if resume and not trainer.resume():
         log.info("no checkpoint in %s yet: starting from the pre-trained model", run_dir)
     if distributed.is_main():
@@ -126,6 +100,7 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
                         device: str = "cpu") -> dict[str, dict[str, float]] | None:
     """Fine-tune, then sample ``compare`` molecules before and after (``sampling_steps`` DDIM steps,
     whatever the method trained with) and write ``report.md`` and ``report.html``."""
+    from rgdm.domains import domain_of_config
     from rgdm.report import finetune_report
     from rgdm.rewards import make_reward
 
@@ -135,7 +110,7 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
     base = load_model(config.base, device=distributed.module_device(trainer.model))
     base.model.bf16_network = trainer.model.bf16_network
     with make_reward(config.reward) as reward:
-        task = build_task(config, base.model, base.config, reward)
+        task = domain_of_config(config).build_task(config, base, base.model, reward)
         return finetune_report(run_dir, base.model, trainer.model, task, compare, sampling_steps,
                                config.reward["name"], config.target, command, seed=config.train.seed + 1,
                                progress=progress, reward_config=config.reward)

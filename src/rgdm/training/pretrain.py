@@ -1,17 +1,20 @@
-"""Pre-training a molecule diffusion model by maximum likelihood, as one function."""
+"""Pre-training a diffusion model of any domain by maximum likelihood, as one function.
+
+The domain of the config (``rgdm.domains``) supplies the data, the model, the objective and the
+validation metrics; what every domain shares (devices, processes, the run directory, resuming,
+checkpoints) is here and in the training loop."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rgdm import distributed
-from rgdm.config import ConfigError, RunConfig, save_config
-from rgdm.runs import build_model, load_training_data, load_validation_data, spec_for
+from rgdm.config import ConfigError, save_config
 from rgdm.training.loop import Trainer
-from rgdm.training.mle import DenoisingObjective, validation_loss
 
 log = logging.getLogger("rgdm.training")
 
@@ -27,14 +30,20 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+def pretrain(config: Any, run_dir: str | Path, resume: bool = False, progress: bool = True,
              tensorboard: bool = True, device: str = "cpu", compile_model: bool = False) -> Trainer:
     """Train ``config`` in ``run_dir``; with ``resume`` continue its newest checkpoint bit-for-bit.
 
+    ``config`` is the pre-training config of a domain: a ``RunConfig`` (molecules), a
+    ``ShapeRunConfig`` (shapes), an ``AnalyticRunConfig`` (the analytic test bed).
     ``device``: ``auto``, ``cpu`` or ``cuda`` (bfloat16 autocast on CUDA). Launched by ``torchrun``,
     every process trains its slice of each global batch and rank 0 writes the run directory.
     ``compile_model`` wraps the network in ``torch.compile``.
     """
+    from rgdm.domains import domain_of_config
+
+    domain = domain_of_config(config)
+    config.validate()
     run_dir = Path(run_dir)
     torch_device = distributed.resolve_device(device)
     distributed.init_from_env(torch_device)
@@ -43,22 +52,14 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False, progr
                           f"processes ({distributed.world_size()})")
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    train_data = load_training_data(config)  # bad data fails here, before the run directory exists
-    val_data = load_validation_data(config)
+    data = domain.load_data(config)  # bad data fails here, before the run directory exists
     prepare_run_dir(run_dir, resume)
-    spec = spec_for(config, train_data)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    model = build_model(config, spec, train_data).to(torch_device)
+    model = domain.build_model(config, data).to(torch_device)
     distributed.seed_rank(config.train.seed)
-    objective = DenoisingObjective(train_data, config.train.batch_size, config.train.seed, torch_device)
-
-    def evaluate(ema_model, step: int) -> dict[str, float]:
-        if val_data is None or config.train.val_batches == 0:
-            return {}
-        return {"val_loss": validation_loss(ema_model, val_data, config.train.batch_size, config.train.val_batches)}
-
-    run_info = {"kind": "pretrain", "config": config.to_dict(), "model_spec": spec.to_dict()}
-    trainer = Trainer(model, objective, config.train, run_dir, run_info, evaluate, tensorboard, progress,
+    objective = domain.pretrain_objective(config, data, torch_device)
+    trainer = Trainer(model, objective, config.train, run_dir, domain.run_info(config, data),
+                      domain.validation(config, data), tensorboard, progress,
                       bf16_autocast=torch_device.type == "cuda")
     if resume and not trainer.resume():
         log.info("no checkpoint in %s yet: starting from scratch", run_dir)
@@ -66,7 +67,7 @@ def pretrain(config: RunConfig, run_dir: str | Path, resume: bool = False, progr
         model.denoiser.compile()  # in place: parameter names (and checkpoints) stay unchanged
     if distributed.is_main():
         save_config(config, run_dir / "config.yaml")
-        log.info("training %s on %s x %d process(es): %d molecules, %d parameters", config.name, torch_device,
-                 distributed.world_size(), len(train_data), sum(p.numel() for p in model.parameters()))
+        log.info("training %s on %s x %d process(es): %s, %d parameters", config.name, torch_device,
+                 distributed.world_size(), domain.describe_data(data), sum(p.numel() for p in model.parameters()))
     trainer.fit()
     return trainer
