@@ -28,7 +28,6 @@ from rgdm.cli_common import (
     parse_overrides,
     refuse_to_overwrite,
     resolve_device_option,
-    write_text_atomically,
 )
 from rgdm.cli_runs import claimed_run, run_name
 
@@ -75,35 +74,12 @@ def pretrain(
 
     Data-parallel: torchrun --nproc_per_node N -m rgdm pretrain --config ... (docs/scaling.md).
     """
-    from rgdm.cli_shapes import is_shapes_config
-    from rgdm.cli_shapes import run_pretrain as run_shapes_pretrain
+    from rgdm.cli_common import PretrainRequest
+    from rgdm.domains import domain_of_config_file
 
     resolve_device_option(device)
-    if is_shapes_config(config):  # a point-cloud model (configs/shapes_*.yaml)
-        run_shapes_pretrain(config, name, resume, set_, device=device)
-        return
-    from rgdm import distributed
-    from rgdm.config import load_config
-    from rgdm.eval.sampling import sample_and_evaluate
-    from rgdm.training.pretrain import pretrain as run_pretrain
-
-    overrides = parse_overrides(set_)
-    if name is not None:
-        overrides["name"] = checked_name(name)
-    cfg = load_config(config, overrides=overrides)
-    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
-    with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
-        try:
-            trainer = run_pretrain(cfg, run_dir, resume=resume, device=device, compile_model=compile_)
-            main = distributed.is_main()
-        finally:
-            distributed.shutdown()
-        if not main:
-            return
-        typer.echo(f"checkpoints in {run_dir / 'checkpoints'}")
-        if sample:
-            metrics = sample_and_evaluate(trainer.sampling_model, sample, run_dir / "samples", seed=cfg.train.seed)
-            typer.echo(json.dumps(metrics, indent=2))
+    request = PretrainRequest(config, name, resume, set_, sample, device, compile_)
+    domain_of_config_file(config).pretrain_command(request)  # molecules, or `domain: shapes`, ...
 
 
 @app.command("sample")
@@ -120,6 +96,7 @@ def sample_cmd(
     device: DeviceOption = "auto",
 ) -> None:
     """Sample molecules and write them as .xyz and .sdf (EDM-perceived bonds)."""
+    from rgdm.cli_molecules import write_sdf
     from rgdm.config import ConfigError
     from rgdm.data.readers import write_xyz
     from rgdm.eval.sampling import molecule_list, sample_in_chunks
@@ -135,7 +112,7 @@ def sample_cmd(
     molecules = molecule_list(sample_in_chunks(loaded.model, n, batch_size, steps, seed))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_xyz(out, molecules)
-    _write_sdf(sdf, molecules)
+    write_sdf(sdf, molecules)
     typer.echo(f"wrote {len(molecules)} molecules to {out} and {sdf}")
 
 
@@ -167,80 +144,30 @@ def evaluate(
 
     Shape models: share classified as TARGET, MMD/COV/1-NNA (report.md, metrics.json, samples.png).
     """
-    from rgdm.cli_shapes import is_shape_model
-    from rgdm.cli_shapes import run_evaluate as run_shapes_evaluate
-    from rgdm.config import ConfigError
-    from rgdm.runs import resolve_checkpoint
+    from rgdm.cli_common import EvaluateRequest
 
     resolve_device_option(device)
-    shapes = [is_shape_model(m) for m in model]
-    if any(shapes):
-        if not all(shapes):
-            other = model[shapes.index(False)]
+    domain = _one_domain(model)
+    domain.evaluate_command(EvaluateRequest(model, n, steps, seed, novelty, classifier, target, out, overwrite,
+                                            posebusters, device))
+
+
+def _one_domain(models: list[str]):
+    """The domain of every model; models of different domains are refused (a missing model first)."""
+    from rgdm.config import ConfigError
+    from rgdm.domains import DEFAULT_DOMAIN, domain_of_model
+    from rgdm.runs import resolve_checkpoint
+
+    domains = [domain_of_model(m) for m in models]
+    # A path that is not a model of another domain counts as a molecule model: the other domain decides.
+    domain = next((d for d in domains if d.name != DEFAULT_DOMAIN), domains[0])
+    for other, other_domain in zip(models, domains):
+        if other_domain is not domain:
             if not Path(other).is_file():
                 resolve_checkpoint(other)  # a model that does not exist is the real problem: report that first
-            raise ConfigError(f"{other}: not a shape model; evaluate shape and molecule models separately")
-        if steps is not None:
-            raise ConfigError("--steps: shape models sample with their config's diffusion.sampling_steps")
-        run_shapes_evaluate(model, classifier, target, n, out, seed, overwrite=overwrite, device=device)
-        return
-    if len(model) > 1:
-        raise ConfigError("evaluate: give one molecule model or file (several models are compared only for shapes)")
-    for option, value in (("--classifier", classifier), ("--target", target)):
-        if value is not None:
-            raise ConfigError(f"{option}: only for shape models; {model[0]} is not one")
-    _evaluate_molecules(model[0], 1000 if n is None else n, steps, seed, novelty, out, overwrite, posebusters,
-                        device)
-
-
-def _evaluate_molecules(model: str, n: int, steps: int | None, seed: int, novelty: bool, out: Path | None,
-                        overwrite: bool, posebusters: bool = True, device: str = "auto") -> None:
-    from rgdm.config import ConfigError
-    from rgdm.eval.molecules import evaluate_molecules
-    from rgdm.eval.sampling import qm9_training_smiles, sample_and_evaluate
-
-    if out is not None and out.suffix.lower() != ".json":
-        raise ConfigError(f"--out {out}: give a .json path for the metrics")
-    path = Path(model)
-    if path.is_file() and path.suffix.lower() in (".xyz", ".sdf"):
-        from rgdm.data.readers import read_sdf, read_xyz
-
-        out = out or path.with_name(path.stem + "_metrics.json")
-        refuse_to_overwrite([out], overwrite)
-        molecules = read_xyz(path) if path.suffix.lower() == ".xyz" else read_sdf(path)
-        _check_elements(path, molecules)
-        metrics = evaluate_molecules(molecules, qm9_training_smiles() if novelty else None)
-    else:
-        from rgdm.runs import load_model
-
-        loaded = load_model(model, device=resolve_device_option(device))
-        out_dir = default_dir(model) / "samples"
-        out = out or out_dir / f"eval_n{n}_metrics.json"
-        # sample_and_evaluate also writes the samples and its own copy of the metrics there
-        refuse_to_overwrite([out, out_dir / f"eval_n{n}.xyz", out_dir / f"eval_n{n}_metrics.json"], overwrite)
-        metrics = sample_and_evaluate(loaded.model, n, out_dir, tag=f"eval_n{n}", num_steps=steps, seed=seed,
-                                      training_smiles=qm9_training_smiles() if novelty else None)
-        from rgdm.data.readers import read_xyz
-
-        molecules = read_xyz(out_dir / f"eval_n{n}.xyz")
-    from rgdm.eval.strict import add_strict_metrics
-
-    summary = add_strict_metrics(metrics, molecules, posebusters=posebusters)  # EDM's row and the strict row
-    write_text_atomically(out, json.dumps(metrics, indent=2))
-    typer.echo(summary)
-    typer.echo(f"metrics written to {out}")
-
-
-def _check_elements(path: Path, molecules) -> None:
-    """A one-line DataError for the first atom that is not a chemical element (e.g. ``Xx``)."""
-    from rgdm.data.batch import ATOMIC_NUMBERS
-    from rgdm.data.dataset import DataError
-
-    for index, (symbols, _) in enumerate(molecules):
-        unknown = next((s for s in symbols if s not in ATOMIC_NUMBERS), None)
-        if unknown is not None:
-            raise DataError(f"{path}: molecule {index + 1}: element {unknown!r} is unknown to EDM's bond rules "
-                            f"({', '.join(ATOMIC_NUMBERS)})")
+            raise ConfigError(f"{other}: not a {domain.noun} model; evaluate {domain.noun} and "
+                              f"{other_domain.noun} models separately")
+    return domain
 
 
 @app.command()
@@ -272,103 +199,15 @@ def finetune(
 
     Under ``torchrun --nproc_per_node N -m rgdm finetune ...`` the roll-outs are split over N processes.
     """
-    from rgdm.cli_shapes import is_shape_model
-    from rgdm.cli_shapes import run_finetune as run_shapes_finetune
-    from rgdm.config import ConfigError, FinetuneConfig, from_dict, load_config, set_dotted, to_dict
+    from rgdm.cli_common import FinetuneRequest
+    from rgdm.domains import domain_of_model
 
     resolve_device_option(device)
     if name is not None:
         checked_name(name)
-    if is_shape_model(base):  # a point-cloud model: --target is a class name
-        if scale is not None:
-            raise ConfigError("--scale: only for molecule property targets; a shape model's --target is a class")
-        run_shapes_finetune(base, method, reward, classifier, target, config, name, resume, compare, set_,
-                            device=device)
-        return
-    if classifier is not None:
-        raise ConfigError(f"--classifier: only for shape models; {base} is not one")
-    number = _property_target(base, target)
-    values = to_dict(load_config(config, FinetuneConfig, {"base": base})) if config else to_dict(FinetuneConfig())
-    values["base"], values["method"] = base, method
-    if reward:
-        values["reward"] = {"name": reward, "backend": _reward_backend(reward), **_heavy_atom_options(base, reward)}
-    if number is not None:
-        values["reward"].update({"target": number, "scale": 1.0 if scale is None else scale})
-        values["target"] = number
-    for key, value in parse_overrides(set_).items():
-        set_dotted(values, key, value)
-    values["name"] = name or f"{Path(base).name}-{method}-{values['reward']['name']}"
-    cfg = from_dict(FinetuneConfig, values).validate()
-    cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
-    _run_finetune(cfg, resume, 200 if compare is None else compare, explicit_name=name is not None, device=device)
-
-
-def _property_target(base: str, target: str | None) -> float | None:
-    """A molecule model's --target as a number; a one-line error for anything else (e.g. a class name)."""
-    from rgdm.config import ConfigError
-    from rgdm.runs import resolve_checkpoint
-
-    if target is None:
-        return None
-    try:
-        return float(target)
-    except ValueError:
-        resolve_checkpoint(base)  # a base that does not exist is the real problem: report that first
-        raise ConfigError(f"--target {target!r}: a molecule model needs a number (a property value, e.g. "
-                          f"--target 4.5); class names are targets of shape models") from None
-
-
-def _reward_backend(reward: str) -> str:
-    """Worker processes for the rewards that must not run beside torch (xTB), the training process otherwise."""
-    from rgdm.rewards.registry import reward_spec
-
-    try:
-        return "process" if reward_spec(reward).worker_only else "inline"
-    except KeyError:  # an unknown name: make_reward reports it, with a suggestion
-        return "inline"
-
-
-# Rewards that perceive bonds with RDKit's DetermineBonds (which needs explicit hydrogens) or run xTB.
-_RDKIT_BOND_REWARDS = ("qed", "sa_score", "logp", "ring_constraint")
-
-
-def _heavy_atom_options(base: str, reward: str) -> dict[str, object]:
-    """Reward options a model without hydrogens needs; announced, and overridable with --set."""
-    from rgdm.runs import resolve_checkpoint
-    from rgdm.training.checkpoint import load_checkpoint
-
-    elements = load_checkpoint(resolve_checkpoint(base)).get("model_spec", {}).get("elements", [])
-    if "H" in elements:
-        return {}
-    options: dict[str, object] = {}
-    if reward in _RDKIT_BOND_REWARDS:
-        options = {"method": "edm"}  # EDM's bond rules; sanitising adds the implicit hydrogens
-    elif reward.startswith("xtb_"):
-        options = {"add_hydrogens": True}  # xTB on a bare skeleton would describe a radical
-    if options:
-        typer.echo(f"the model has no hydrogens: reward options {options} (override with --set reward.KEY=...)")
-    return options
-
-
-def _run_finetune(cfg, resume: bool, compare: int, explicit_name: bool, device: str = "auto") -> None:
-    from rgdm import distributed
-    from rgdm.report import summary_table
-    from rgdm.training.finetune import finetune_and_report
-
-    with claimed_run(cfg.name, explicit=explicit_name, resume=resume) as run_dir:
-        command = cli_runs.resume_command.removesuffix(" --resume") if cli_runs.resume_command else ""
-        try:
-            summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command,
-                                            device=device)
-            main = distributed.is_main()
-        finally:
-            distributed.shutdown()
-        if not main:  # under torchrun, rank 0 reports
-            return
-        typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")
-        if summaries:
-            typer.echo(summary_table(summaries, cfg.reward, cfg.target))
-            typer.echo(f"report: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+    request = FinetuneRequest(base, method, reward, target, scale, classifier, config, name, resume, compare,
+                              device, set_)
+    domain_of_model(base).finetune_command(request)  # e.g. for a shape model --target is a class name
 
 
 @app.command("train-regressor")
@@ -416,6 +255,7 @@ def demo(
 ) -> None:
     """Fine-tune the shipped QM9 model toward an xTB HOMO-LUMO gap target with RGDM; write a report."""
     resolve_device_option(device)
+    from rgdm.cli_molecules import run_finetune
     from rgdm.config import FinetuneConfig, from_dict, set_dotted, to_dict
     from rgdm.demo import demo_config
 
@@ -424,7 +264,7 @@ def demo(
         set_dotted(values, key, value)
     cfg = from_dict(FinetuneConfig, values).validate()
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
-    _run_finetune(cfg, resume, 200, explicit_name=name is not None, device=device)
+    run_finetune(cfg, resume, 200, explicit_name=name is not None, device=device)
 
 
 @app.command()
@@ -454,20 +294,6 @@ def reward_lines() -> list[str]:
         needs = f" (required: {', '.join(required)})" if required else ""
         lines.append(f"{name:<{width}}  {summary}{units}{needs}")
     return lines
-
-
-def _write_sdf(path: Path, molecules) -> None:
-    from rdkit import Chem
-
-    from rgdm.eval.bonds import build_rdkit_mol
-
-    writer = Chem.SDWriter(str(path))
-    writer.SetKekulize(False)
-    for symbols, positions in molecules:
-        mol = build_rdkit_mol(symbols, positions, method="edm")
-        if mol is not None:
-            writer.write(mol)
-    writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

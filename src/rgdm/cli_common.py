@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,3 +104,51 @@ def resolve_device_option(name: str):
     from rgdm import distributed
 
     return distributed.resolve_device(name)
+
+
+# ------------------------------------------------------------------------------------------------- #
+# The options of the commands that dispatch on the domain (``rgdm pretrain | finetune | evaluate``):
+# ``rgdm.cli`` parses them once and hands them to the domain's command (``Domain.*_command``), which
+# refuses, in one line, the options it has no use for.
+
+
+@dataclass
+class PretrainRequest:
+    config: Path
+    name: str | None = None
+    resume: bool = False
+    set_: list[str] | None = None
+    sample: int = 0
+    device: str = "auto"
+    compile_: bool = False
+
+
+@dataclass
+class FinetuneRequest:
+    base: str
+    method: str = "rgdm"
+    reward: str | None = None
+    target: str | None = None
+    scale: float | None = None
+    classifier: str | None = None
+    config: Path | None = None
+    name: str | None = None
+    resume: bool = False
+    compare: int | None = None
+    device: str = "auto"
+    set_: list[str] | None = None
+
+
+@dataclass
+class EvaluateRequest:
+    models: list[str]
+    n: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    novelty: bool = True
+    classifier: str | None = None
+    target: str | None = None
+    out: Path | None = None
+    overwrite: bool = False
+    posebusters: bool = True
+    device: str = "auto"

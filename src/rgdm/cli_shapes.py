@@ -6,7 +6,7 @@
     rgdm evaluate runs/shapes_small-rgdm-shape_class
 
 The top-level commands recognise shape models: ``rgdm pretrain`` by the config's ``domain: shapes``,
-``rgdm finetune`` and ``rgdm evaluate`` by the model they are given (:func:`is_shape_model`), and
+``rgdm finetune`` and ``rgdm evaluate`` by the model they are given (``rgdm.domains``), and
 hand over to :func:`run_pretrain`, :func:`run_finetune` and :func:`run_evaluate` here. For a shape
 model, ``--target`` is a class *name* (for a molecule model it is a property value).
 ``rgdm shapes pretrain | finetune | evaluate`` are the same commands under the ``shapes`` group.
@@ -38,34 +38,17 @@ DEFAULT_COMPARE = 40  # clouds sampled per model for a report (sampling clouds i
 
 def is_shapes_config(path: str | Path) -> bool:
     """True when the YAML file at ``path`` declares ``domain: shapes`` (unreadable files: False)."""
-    import yaml
+    from rgdm.domains import domain_of_config_file
 
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(values, dict) and values.get("domain") == "shapes"
+    return domain_of_config_file(path).name == "shapes"
 
 
 def is_shape_model(source: str | Path) -> bool:
-    """True when ``source`` (a run directory or checkpoint file) holds a shape model.
+    """True when ``source`` (a run directory or checkpoint file) holds a shape model
+    (``rgdm.domains.domain_of_model``: the ``domain:`` of its stored config)."""
+    from rgdm.domains import domain_of_model
 
-    A run directory says so in its ``config.yaml`` (``domain: shapes``, written by every shape run);
-    a checkpoint file in the config it stores. Anything else -- a shipped model name, a molecule run,
-    a missing or unreadable path -- is not a shape model, and the molecule code reports what is wrong.
-    """
-    path = Path(source)
-    if path.is_dir() and (path / "config.yaml").is_file():
-        return is_shapes_config(path / "config.yaml")
-    if not path.exists():
-        return False  # the shipped pre-trained models are all molecule models
-    from rgdm.training.checkpoint import CheckpointError
-
-    try:
-        config = _checkpoint_state(path).get("config")
-    except CheckpointError:  # not a readable checkpoint: the molecule code reports it
-        return False
-    return isinstance(config, dict) and config.get("domain") == "shapes"
+    return domain_of_model(source).name == "shapes"
 
 
 def _checkpoint_state(source: str | Path) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class Domain(Protocol):
     """What a domain provides. Every method is called by the shared code paths named in its docstring."""
 
     name: str  # the value of the configs' ``domain:`` key
+    noun: str  # the domain in messages, e.g. "shape" in "not a shape model"
     run_config: type  # dataclass of a pre-training run (``rgdm pretrain --config``)
     finetune_config: type  # dataclass of a fine-tuning run; has ``method``, ``method_config``, ``reward``, ``train``
     methods: tuple[str, ...]  # fine-tuning methods it supports (``rgdm finetune --method``)

@@ -169,6 +169,7 @@ def exact_summary(model: GaussianDiffusion, num_steps: int) -> dict[str, float]:
 
 class AnalyticDomain:
     name = NAME
+    noun = "analytic"
     run_config = AnalyticRunConfig
     finetune_config = AnalyticFinetuneConfig
     methods = METHODS

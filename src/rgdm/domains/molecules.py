@@ -24,6 +24,7 @@ from rgdm.training.tasks import MoleculeTask
 
 class MoleculeDomain:
     name = "molecules"
+    noun = "molecule"  # in messages: "not a molecule model"
     run_config = RunConfig
     finetune_config = FinetuneConfig
     methods = FINETUNE_METHODS

@@ -31,6 +31,7 @@ from rgdm.training.shapes import (
 
 class ShapeDomain:
     name = "shapes"
+    noun = "shape"
     run_config = ShapeRunConfig
     finetune_config = ShapeFinetuneConfig
     methods = METHODS
