@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from rgdm.cli import main
-from rgdm.cli_benchmark import BUDGETS, ConditionalBudget, get_budget
 from rgdm.config import ConfigError, RunConfig
 from rgdm.eval.conditional import (
     AffineProperty,
@@ -26,6 +25,7 @@ from rgdm.eval.conditional import (
     property_gradient,
     shuffled,
 )
+from rgdm.eval.conditional_budget import BUDGETS, ConditionalBudget, get_budget
 from rgdm.models.regressor import PropertyRegressor, RegressorSpec
 from rgdm.rewards.reward import Reward, RewardResult, TargetMatch
 from rgdm.runs import ModelSpec, build_model
