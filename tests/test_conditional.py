@@ -19,13 +19,13 @@ from rgdm.eval.conditional import (
     guided_sample,
     linear_fit,
     mae_summary,
-    markdown_table,
     naive_mae,
     predict,
     property_gradient,
     shuffled,
 )
 from rgdm.eval.conditional_budget import BUDGETS, ConditionalBudget, get_budget
+from rgdm.eval.conditional_tables import markdown_table
 from rgdm.models.regressor import PropertyRegressor, RegressorSpec
 from rgdm.rewards.reward import Reward, RewardResult, TargetMatch
 from rgdm.runs import ModelSpec, build_model

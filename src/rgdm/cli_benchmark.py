@@ -40,7 +40,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def write_report(out_dir: Path, budget: ConditionalBudget, props: list[str], runs_dir: Path,
                  timings: dict[str, dict[str, float]], command: str) -> dict[str, Any]:
     """Collect every property's rows into ``results.json`` and ``table.md`` under ``out_dir/<budget>``."""
-    from rgdm.eval.conditional import EDM_TABLE3, details_table, markdown_table, physics_table
+    from rgdm.eval.conditional_tables import EDM_TABLE3, details_table, markdown_table, physics_table
 
     base = Path(out_dir) / budget.name
     results: dict[str, Any] = {}
