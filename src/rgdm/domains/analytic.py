@@ -242,18 +242,9 @@ class AnalyticDomain:
                 "sample_variance": float(x.var(0).mean()) if len(x) > 1 else float("nan")}
 
     def render(self, model: GaussianDiffusion, samples: Samples, out: Path) -> Path:
-        from rgdm.viz.plots import _pyplot
+        from rgdm.viz.plots import scatter_2d
 
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(4, 4))
-        x = samples.x.numpy()
-        ax.scatter(x[:, 0], x[:, 1] if x.shape[1] > 1 else 0 * x[:, 0], s=4, alpha=0.5)
-        ax.set_xlabel("x_1")
-        ax.set_ylabel("x_2")
-        fig.tight_layout()
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        return Path(out)
+        return scatter_2d(samples.x.numpy(), out)
 
     # --- commands ------------------------------------------------------------------------------ #
     def pretrain_command(self, request: Any) -> None:
@@ -262,6 +253,7 @@ class AnalyticDomain:
         from rgdm.training.pretrain import pretrain
 
         _refuse(("--sample", request.sample or None), ("--compile", request.compile_ or None))
+        _cpu_only(request.device)
         overrides = parse_overrides(request.set_)
         if request.name is not None:
             overrides["name"] = request.name
@@ -276,6 +268,7 @@ class AnalyticDomain:
 
         _refuse(("--target", request.target), ("--scale", request.scale), ("--classifier", request.classifier),
                 ("--compare", request.compare))
+        _cpu_only(request.device)
         defaults = load_config(request.config, AnalyticFinetuneConfig, {"base": request.base}) if request.config \
             else AnalyticFinetuneConfig()
         values = to_dict(defaults)
@@ -294,6 +287,7 @@ class AnalyticDomain:
 
         _refuse(("--steps", request.steps), ("--classifier", request.classifier), ("--target", request.target),
                 ("--out", request.out))
+        _cpu_only(request.device)
         rows = {}
         for source in request.models:
             loaded = self.load_model(source)
@@ -316,6 +310,12 @@ def _refuse(*options: tuple[str, Any]) -> None:
     for option, value in options:
         if value is not None:
             raise ConfigError(f"{option}: not an option of analytic models")
+
+
+def _cpu_only(device: str) -> None:
+    """The analytic model is a few dozen numbers: it runs on the CPU, and an explicit cuda is refused."""
+    if device == "cuda":
+        raise ConfigError("--device cuda: analytic models run on the CPU (use --device cpu or auto)")
 
 
 DOMAIN = AnalyticDomain()

@@ -18,6 +18,20 @@ def _pyplot():
     return plt
 
 
+def scatter_2d(points: np.ndarray, out: str | Path, xlabel: str = "x_1", ylabel: str = "x_2") -> Path:
+    """A scatter plot of the first two coordinates of ``points`` [N, d] (the second is 0 when d = 1)."""
+    plt = _pyplot()
+    points = np.asarray(points, dtype=float).reshape(len(points), -1)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(points[:, 0], points[:, 1] if points.shape[1] > 1 else np.zeros(len(points)), s=4, alpha=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
 def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
     """metrics.csv -> column name -> float array (missing cells are NaN)."""
     with Path(path).open() as handle:
