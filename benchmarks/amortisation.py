@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from compare import make_objective, parse_option
-from rgdm.config import TrainConfig
+from rgdm.config import ConfigError, TrainConfig
+from rgdm.distributed import generator_on, module_device, resolve_device
 from rgdm.eval.molecules import evaluate_molecules
 from rgdm.rewards import make_reward
 from rgdm.runs import load_model
@@ -57,7 +58,7 @@ def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
 def plain_samples(model, task, n: int, steps: int, seed: int) -> dict:
     """Rewards of ``n`` ordinary samples and the sampling seconds per sample (scoring not timed)."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator_on(module_device(model), seed)
     cond = task.conditions(n, generator)
     started = time.perf_counter()
     x0 = model.sample(cond.shape, cond.node_mask, cond.context, num_steps=steps, generator=generator)
@@ -100,7 +101,8 @@ def measure_best_of(base, task, args, skip: set[str] = frozenset()) -> dict[str,
         if f"best-of-{n}" in skip:
             continue
         started = time.perf_counter()
-        result = best_of_n(base, task, args.eval_samples, n, torch.Generator().manual_seed(args.seed + 1), args.steps)
+        result = best_of_n(base, task, args.eval_samples, n, generator_on(module_device(base), args.seed + 1),
+                           args.steps)
         rows[f"best-of-{n}"] = steered(task, result, args.eval_samples, time.perf_counter() - started)
         print(f"  best-of-{n}: {rows[f'best-of-{n}']}", flush=True)
     return rows
@@ -111,13 +113,13 @@ def measure_inference(base, task, args) -> dict[str, dict]:
     rows = measure_best_of(base, task, args)
     for m in args.svdd_m:
         started = time.perf_counter()
-        result = svdd_sample(base, task, args.eval_samples, m, torch.Generator().manual_seed(args.seed + 1),
+        result = svdd_sample(base, task, args.eval_samples, m, generator_on(module_device(base), args.seed + 1),
                              args.steps, selection="greedy")
         rows[f"svdd M={m}"] = steered(task, result, args.eval_samples, time.perf_counter() - started)
         print(f"  svdd M={m}: {rows[f'svdd M={m}']}", flush=True)
     for k in args.smc_k:
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(args.seed + 1)
+        generator = generator_on(module_device(base), args.seed + 1)
         result = smc_sample(base, task, args.eval_samples, k, args.smc_tau, generator, args.steps)
         rows[f"smc K={k}"] = steered(task, result, args.eval_samples, time.perf_counter() - started)
         print(f"  smc K={k}: {rows[f'smc K={k}']}", flush=True)
@@ -221,6 +223,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smc-tau", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the models sample and train")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
 
@@ -228,13 +231,17 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     reward_config = {"name": args.reward, "backend": "process" if args.reward.startswith("xtb") else "inline",
                      **dict(parse_option(o) for o in args.reward_option)}
     if args.target is not None:
         reward_config.update({"target": args.target, "scale": args.scale})
     out = args.out or Path("runs/amortisation") / args.reward
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(args.base)  # loaded once: a run still training may write newer checkpoints
+    loaded = load_model(args.base, device=device)  # loaded once: a run still training may write newer checkpoints
     base = loaded.model.eval()
     with make_reward(reward_config) as reward:
         plain_samples(base, MoleculeTask(base, reward, target=args.target), 2, 2, args.seed)  # warm-up, untimed

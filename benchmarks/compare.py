@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from rgdm.config import RGDMConfig, TrainConfig
+from rgdm.config import ConfigError, RGDMConfig, TrainConfig
+from rgdm.distributed import generator_on, module_device, resolve_device
 from rgdm.eval.compare import sample_scored, summarize
 from rgdm.rewards import make_reward
 from rgdm.runs import load_model
@@ -85,7 +86,7 @@ def evaluate_model(model, task, n: int, steps: int, seed: int) -> dict:
 
 
 def run_trained_method(method, args, budget, reward_config, out_dir) -> dict:
-    loaded = load_model(args.base)
+    loaded = load_model(args.base, device=args.torch_device)
     model = loaded.model.train()
     torch.manual_seed(args.seed)
     with make_reward(reward_config) as reward:
@@ -113,7 +114,7 @@ def run_trained_method(method, args, budget, reward_config, out_dir) -> dict:
 
 
 def run_best_of_n(args, budget, reward_config) -> dict:
-    loaded = load_model(args.base)
+    loaded = load_model(args.base, device=args.torch_device)
     model = loaded.model.eval()
     curve, final = [], None
     started = time.perf_counter()
@@ -123,10 +124,10 @@ def run_best_of_n(args, budget, reward_config) -> dict:
         for n in sorted({1, 2, 4, 8, n_max}):
             if n > n_max:
                 continue
-            generator = torch.Generator().manual_seed(args.seed + 1)
+            generator = generator_on(module_device(model), args.seed + 1)
             kept = best_of_n(model, task, budget.eval_samples, n, generator, budget.sampling_steps)
             curve.append((n * budget.eval_samples, kept.scores.values.mean().item()))
-        generator = torch.Generator().manual_seed(args.seed + 1)
+        generator = generator_on(module_device(model), args.seed + 1)
         kept = best_of_n(model, task, budget.final_samples, n_max, generator, budget.sampling_steps)
         final = summarize_kept(task, kept)
     final.update({"reward_calls": kept.reward_calls, "wall_seconds": time.perf_counter() - started,
@@ -139,10 +140,11 @@ def summarize_kept(task, kept) -> dict:
     from rgdm.eval.molecules import evaluate_molecules
 
     molecules = task.decode(kept.samples, kept.conditions).molecules()
-    prop = kept.scores.property if kept.scores.property is not None else torch.full_like(kept.scores.values, math.nan)
-    targets = kept.conditions.targets
-    result = {"molecules": molecules, "reward": kept.scores.values.numpy(),
-              "reward_valid": kept.scores.valid.numpy(), "property": prop.numpy(),
+    scores = kept.scores.to("cpu")
+    prop = scores.property if scores.property is not None else torch.full_like(scores.values, math.nan)
+    targets = None if kept.conditions.targets is None else kept.conditions.targets.cpu()
+    result = {"molecules": molecules, "reward": scores.values.numpy(),
+              "reward_valid": scores.valid.numpy(), "property": prop.numpy(),
               "target": (targets if targets is not None else torch.full_like(prop, math.nan)).numpy(),
               "metrics": evaluate_molecules(molecules)}
     return summarize(result)
@@ -150,7 +152,7 @@ def summarize_kept(task, kept) -> dict:
 
 def steer(method: str, model, task, n: int, size: int, args, budget, seed: int):
     """SVDD-PM with M = ``size`` candidates per step, or SMC with K = ``size`` particles per sample."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator_on(module_device(model), seed)
     if method == "svdd":
         return svdd_sample(model, task, n, size, generator, budget.sampling_steps)
     return smc_sample(model, task, n, size, args.smc_tau, generator, budget.sampling_steps)
@@ -158,7 +160,7 @@ def steer(method: str, model, task, n: int, size: int, args, budget, seed: int):
 
 def run_sampling_time(method: str, args, budget, reward_config) -> dict:
     """Curve over M (or K) = 1, 2, ... up to the chosen size; reward calls are per produced sample."""
-    model = load_model(args.base).model.eval()
+    model = load_model(args.base, device=args.torch_device).model.eval()
     size = args.svdd_m if method == "svdd" else args.smc_k
     curve = []
     started = time.perf_counter()
@@ -237,9 +239,14 @@ def main() -> None:
     parser.add_argument("--smc-tau", type=float, default=0.05, help="SMC temperature: target p(x) exp(r(x)/tau)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the models sample and train")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        args.torch_device = resolve_device(args.device)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     budget = BUDGETS[args.budget]
     reward_config = {"name": args.reward, "backend": "process" if args.reward.startswith("xtb") else "inline",
                      **dict(parse_option(o) for o in args.reward_option)}
@@ -249,7 +256,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     with make_reward(reward_config) as reward:
-        base = load_model(args.base).model
+        base = load_model(args.base, device=args.torch_device).model
         reference = evaluate_model(base, MoleculeTask(base, reward, target=args.target), budget.final_samples,
                                    budget.sampling_steps, args.seed + 1)
     results = {}
@@ -267,6 +274,7 @@ def main() -> None:
     text = table(results, reference)
     command = "python benchmarks/compare.py " + " ".join(
         f"--{k.replace('_', '-')} {item}" for k, v in vars(args).items() if v not in (None, [], False)
+        if k != "torch_device"
         for item in (v if isinstance(v, list) else [v]))  # --reward-option is repeated, one flag per value
     per_sample = [m for m in SAMPLING_TIME if m in results]
     note = (f"\n\nReward calls of {', '.join(per_sample)} are per produced sample (paid again for every "

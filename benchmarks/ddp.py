@@ -61,7 +61,7 @@ def rgdm_arguments(args: argparse.Namespace, threads: int, workdir: str) -> list
                 "train.checkpoint_every": args.steps, "eval_samples": 0}
     overrides = [part for key, value in settings.items() for part in ("--set", f"{key}={value}")]
     return ["finetune", "--from", "qm9-noh-small", "--reward", "qed", "--name", "bench", "--compare", "0",
-            *overrides]
+            "--device", "cpu", *overrides]
 
 
 def seconds_per_step(args: argparse.Namespace, processes: int, threads: int) -> float:

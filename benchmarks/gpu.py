@@ -6,7 +6,7 @@ configuration with the validity of its samples, and a short fine-tuning on the s
    EGNN diffusion and EDM's reference (``/work/shared/reference/edm_step_time.py``, imported
    through ``benchmarks/train_step.py``, never copied) are built at EDM's QM9 size (256 x 9, with
    hydrogens) on the *identical* batch and timed in alternation (``train_step.time_interleaved``):
-   training step = loss forward + backward + AdamW step; sampling step = one reverse step at
+   training step = loss forward + backward + AdamW step (the same AdamW for both); sampling step = one reverse step at
    t = T/2. bf16 means autocast around the forward, as ``rgdm pretrain --device cuda`` runs it.
    On CUDA every timed call ends with ``torch.cuda.synchronize()``. Without the reference only our
    side is timed and the EDM columns say so.
@@ -52,13 +52,13 @@ from rgdm import distributed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import (  # noqa: E402 - benchmarks/ is not a package
     DEFAULT_EDM_REFERENCE,
+    LEARNING_RATE,
     BenchConfig,
     SharedBatch,
     build_ours,
     edm_config,
     load_reference,
     make_batch,
-    make_optimizer,
     time_interleaved,
 )
 
@@ -94,6 +94,11 @@ def build_edm_on(reference: ModuleType, cfg: BenchConfig, device: torch.device) 
     return model.to(device)
 
 
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """One optimiser for both sides: EDM's AdamW (lr 1e-4, amsgrad, weight decay 1e-12)."""
+    return torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, amsgrad=True, weight_decay=1e-12)
+
+
 def precision_context(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     """bf16: autocast around the forward (CUDA only in rgdm); fp32: nothing."""
     if precision == "bf16":
@@ -116,7 +121,7 @@ def synchronised(step: Callable[[], None], device: torch.device) -> Callable[[],
 def our_steps(cfg: BenchConfig, batch: SharedBatch, device: torch.device,
               precision: str) -> tuple[nn.Module, Callable[[], None], Callable[[], None]]:
     model = build_ours(cfg).to(device)
-    optimizer = make_optimizer(model)
+    optimizer = adamw(model)
     autocast = precision_context(device, precision)
     z0 = batch.our_state(model.norm_values)
     s = torch.full((cfg.batch,), cfg.timesteps // 2, dtype=torch.long, device=device)
@@ -142,7 +147,7 @@ def our_steps(cfg: BenchConfig, batch: SharedBatch, device: torch.device,
 def edm_steps(reference: ModuleType, cfg: BenchConfig, batch: SharedBatch, device: torch.device,
               precision: str) -> tuple[nn.Module, Callable[[], None], Callable[[], None]]:
     model = build_edm_on(reference, cfg, device)
-    optimizer = make_optimizer(model)
+    optimizer = adamw(model)
     autocast = precision_context(device, precision)
     h = {"categorical": batch.one_hot, "integer": batch.charges}
     s = torch.full((cfg.batch, 1), 0.5, device=device)  # EDM's times are fractions of T

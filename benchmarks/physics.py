@@ -135,7 +135,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
                                num_threads=1)
     config.validate()
     started = time.perf_counter()
-    trainer = finetune(config, run_dir, progress=False, tensorboard=False)
+    trainer = finetune(config, run_dir, progress=False, tensorboard=False, device=args.device)
     seconds = time.perf_counter() - started
     calls = trainer.objective.reward_calls
     if calls != args.iterations * args.batch:
@@ -155,7 +155,8 @@ def run_base(args: argparse.Namespace) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = {"method": "base", "reward_calls": 0, **evaluate(load_model(args.base).model, args)}
+    model = load_model(args.base, device=args.torch_device).model
+    result = {"method": "base", "reward_calls": 0, **evaluate(model, args)}
     path.write_text(json.dumps(result, indent=2))
     return result
 
@@ -216,10 +217,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="xTB worker processes")
     parser.add_argument("--samples", type=int, default=500, help="molecules per evaluation")
     parser.add_argument("--eval-seed", type=int, default=12345)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the models sample and train")
     parser.add_argument("--out", type=Path, default=Path("runs/physics"))
     parser.add_argument("--ship", default="", help="write run METHOD-sSEED as the shipped qm9-noh-physics model")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from rgdm.config import ConfigError
+    from rgdm.distributed import resolve_device
+
+    try:
+        args.torch_device = resolve_device(args.device)  # a clear error before any run starts
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.ship:
         print(f"wrote {ship(args.ship, args)}")
         return

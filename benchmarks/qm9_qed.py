@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from rgdm.config import FinetuneConfig, RGDMConfig, TrainConfig
+from rgdm.config import ConfigError, FinetuneConfig, RGDMConfig, TrainConfig
+from rgdm.distributed import resolve_device
 from rgdm.eval.compare import sample_scored
 from rgdm.rewards import make_reward
 from rgdm.runs import load_model
@@ -63,13 +64,19 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=80)
     parser.add_argument("--samples", type=int, default=1024, help="molecules sampled before and after")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: predictable on shared machines)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the models sample and train")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/qm9_qed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = finetune(qed_config(args.iterations, args.seed), Path(tmp) / "run", tensorboard=False)
-        before = qed_of_valid(load_model("qm9-noh-small").model, args.samples)
+        trainer = finetune(qed_config(args.iterations, args.seed), Path(tmp) / "run", tensorboard=False,
+                           device=args.device)
+        before = qed_of_valid(load_model("qm9-noh-small", device=device).model, args.samples)
         after = qed_of_valid(trainer.model, args.samples)
     gain = (after["mean"] - before["mean"]) / math.hypot(before["se"], after["se"])
     claims = {

@@ -123,15 +123,17 @@ def qm9_jobs(n: int, noise: float, seed: int, settings: list) -> tuple[list, np.
     return jobs, np.array(labels)
 
 
-def generated_jobs(n: int, steps: int, seed: int, reference_steps: int, settings: list) -> list:
+def generated_jobs(n: int, steps: int, seed: int, reference_steps: int, settings: list, device: str = "cpu") -> list:
     import torch
 
+    from rgdm.distributed import generator_on, resolve_device
     from rgdm.runs import load_model
 
-    model = load_model("qm9-noh-small").model.eval()
+    torch_device = resolve_device(device)
+    model = load_model("qm9-noh-small", device=torch_device).model.eval()
     torch.manual_seed(seed)
     with torch.no_grad():
-        batch = model.sample_molecules(n, num_steps=steps, generator=torch.Generator().manual_seed(seed))
+        batch = model.sample_molecules(n, num_steps=steps, generator=generator_on(torch_device, seed))
     return [(list(s), p.numpy().astype(np.float64), True, reference_steps, settings, None)
             for s, p in batch.molecules()]
 
@@ -158,8 +160,16 @@ def main() -> None:
     parser.add_argument("--xtb-steps", default="20", help="comma-separated xTB relaxation budgets to compare")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where qm9-noh-small samples")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-relaxation.json"))
     args = parser.parse_args()
+    from rgdm.config import ConfigError
+    from rgdm.distributed import resolve_device
+
+    try:
+        resolve_device(args.device)  # a clear error before the minutes of xTB
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
     started = time.perf_counter()
     settings = settings_from([int(n) for n in args.xtb_steps.split(",")])
@@ -173,7 +183,8 @@ def main() -> None:
             save(args, results, started)
             print(f"{label}: done after {time.perf_counter() - started:.0f} s", flush=True)
     if args.generated:
-        jobs = generated_jobs(args.generated, args.sampling_steps, args.seed, args.reference_steps, settings)
+        jobs = generated_jobs(args.generated, args.sampling_steps, args.seed, args.reference_steps, settings,
+                              args.device)
         rows = run_pool(jobs, args.workers)
         reference = np.array([r.get("gap_reference", math.nan) for r in rows])
         summary = summarise(rows, reference, names)

@@ -63,3 +63,21 @@ def test_precision_context(precision):
     gpu = load_script()
     context = gpu.precision_context(torch.device("cpu"), precision)()
     assert isinstance(context, torch.autocast) == (precision == "bf16")
+
+
+@pytest.mark.parametrize("script", ["qm9_qed", "compare", "amortisation", "physics", "relaxation"])
+def test_benchmark_scripts_refuse_cuda_without_a_gpu_before_any_work(script, tmp_path):
+    """The scripts that build or sample models take --device; cuda on a machine without a GPU stops
+    them with the shared resolver's one-line error before anything is written."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, whatever the machine has
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / f"{script}.py"), "--device", "cuda", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --device cuda: no CUDA device is available (use --device cpu or auto)")
+    assert not out.exists()

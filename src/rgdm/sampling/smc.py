@@ -53,8 +53,8 @@ def resample_indices(log_weights: Tensor, scheme: str, generator=None) -> Tensor
     if scheme == "multinomial":
         return torch.multinomial(probs, k, replacement=True, generator=generator)
     # Systematic: one uniform offset per group, K evenly spaced points through the weight CDF.
-    offsets = torch.rand(g, 1, generator=generator, dtype=probs.dtype)
-    points = (offsets + torch.arange(k, dtype=probs.dtype)) / k
+    offsets = torch.rand(g, 1, generator=generator, dtype=probs.dtype, device=probs.device)
+    points = (offsets + torch.arange(k, dtype=probs.dtype, device=probs.device)) / k
     cdf = probs.cumsum(dim=1)
     cdf[:, -1] = 1.0  # guard against round-off leaving the last point beyond the CDF
     return torch.searchsorted(cdf, points).clamp(max=k - 1)
@@ -87,7 +87,8 @@ def smc_sample(model: GaussianDiffusion, task: Task, n: int, K: int, tau: float,
     props = [p["scores"].property for p in parts]
     scores = Scores(torch.cat([p["scores"].values for p in parts]), torch.cat([p["scores"].valid for p in parts]),
                     None if any(p is None for p in props) else torch.cat(props))
-    sizes = torch.tensor([p["log_weights"].shape[0] for p in parts], dtype=torch.float32)
+    sizes = torch.tensor([p["log_weights"].shape[0] for p in parts], dtype=torch.float32,
+                         device=parts[0]["log_weights"].device)
     ess = (torch.stack([p["ess"] for p in parts]) * sizes.unsqueeze(1)).sum(0) / sizes.sum()
     resampled = sum(p["resampled"] for p in parts) / (n * (len(grid) - 1))
     return SMCSamples(samples=torch.cat([p["samples"] for p in parts]), scores=scores, conditions=cond,
@@ -105,12 +106,12 @@ def _run_groups(model, task, cond: Conditions, k: int, tau: float, grid: list[in
     calls = g * k
     log_w = values.values.view(g, k) / tau  # w_T = G_T(z_T)
     ess_trace, resampled = [], 0
-    offsets = (torch.arange(g) * k).unsqueeze(1)
+    offsets = (torch.arange(g, device=z.device) * k).unsqueeze(1)
     for t_int, s_int in zip(grid[:-1], grid[1:]):
         # Adaptive resampling: only groups whose weights have degenerated.
         low = effective_sample_size(log_w) < ess_threshold * k
         if low.any():
-            index = torch.arange(g * k).view(g, k)
+            index = torch.arange(g * k, device=z.device).view(g, k)
             index[low] = (offsets + resample_indices(log_w, resampling, generator))[low]
             index = index.reshape(-1)
             z, values = z[index], gather_scores(values, index)
@@ -124,7 +125,7 @@ def _run_groups(model, task, cond: Conditions, k: int, tau: float, grid: list[in
         z, values = z_s, values_s
         ess_trace.append(effective_sample_size(log_w).mean())
     # The grid ends at 0: V(z_0) = r(x_0), so log_w already includes the final correction.
-    x0 = model.project(model.predict_x0(z, torch.zeros(g * k, dtype=torch.long), cond_k.node_mask,
+    x0 = model.project(model.predict_x0(z, torch.zeros(g * k, dtype=torch.long, device=z.device), cond_k.node_mask,
                                         cond_k.context), cond_k.node_mask)
     pick = offsets.squeeze(1) + torch.multinomial(torch.softmax(log_w, dim=1), 1, generator=generator).squeeze(1)
     return {"samples": x0[pick], "scores": gather_scores(values, pick), "calls": calls,

@@ -36,14 +36,14 @@ class SteeredSamples:
     reward_calls: int  # every look-ahead and final reward evaluation
 
 
-def times(t_int: int, n: int) -> Tensor:
-    return torch.full((n,), t_int, dtype=torch.long)
+def times(t_int: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    return torch.full((n,), t_int, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
 def lookahead(model: GaussianDiffusion, task: Task, z_s: Tensor, s_int: int, cond: Conditions) -> Scores:
     """V(z_s): the task's reward of the model's denoised estimate of x_0 from z_s (one call per row)."""
-    x0 = model.predict_x0(z_s, times(s_int, z_s.shape[0]), cond.node_mask, cond.context)
+    x0 = model.predict_x0(z_s, times(s_int, z_s.shape[0], z_s.device), cond.node_mask, cond.context)
     return task.score(model.project(x0, cond.node_mask), cond)
 
 
@@ -56,7 +56,8 @@ def step_candidates(model: GaussianDiffusion, z_t: Tensor, t_int: int, s_int: in
                     m: int, eta: float, generator=None) -> Tensor:
     """M draws per row from the model's step distribution t -> s; rows i*M ... i*M + M - 1 belong to z_t[i]."""
     n = z_t.shape[0]
-    mean, std = model.step_distribution(z_t, times(t_int, n), times(s_int, n), cond.node_mask, cond.context, eta)
+    mean, std = model.step_distribution(z_t, times(t_int, n, z_t.device), times(s_int, n, z_t.device), cond.node_mask,
+                                        cond.context, eta)
     mean_m = mean.repeat_interleave(m, dim=0)
     node_mask_m = None if cond.node_mask is None else cond.node_mask.repeat_interleave(m, dim=0)
     noise = model.noise(mean_m, node_mask_m, generator)
@@ -114,10 +115,10 @@ def _decode(model, task, cond: Conditions, m: int, grid: list[int], selection: s
         candidates = model.project(step_candidates(model, z, t_int, s_int, cond, m, eta, generator), cond_m.node_mask)
         values = lookahead(model, task, candidates, s_int, cond_m)
         calls += b * m
-        chosen = torch.arange(b) * m + choose(values.values.view(b, m), values.valid.view(b, m), selection, alpha,
-                                               generator)
+        picked = choose(values.values.view(b, m), values.valid.view(b, m), selection, alpha, generator)
+        chosen = torch.arange(b, device=z.device) * m + picked
         z = candidates[chosen]
         kept_scores = gather_scores(values, chosen)
     # grid ends at 0, so the last look-ahead was the reward of x_hat_0(z_0): the final sample's score.
-    x0 = model.project(model.predict_x0(z, times(0, b), cond.node_mask, cond.context), cond.node_mask)
+    x0 = model.project(model.predict_x0(z, times(0, b, z.device), cond.node_mask, cond.context), cond.node_mask)
     return x0, kept_scores, calls

@@ -55,7 +55,7 @@ def best_of_n(model: GaussianDiffusion, task: Task, n_keep: int, n: int, generat
         props.append(scores.property)
     values_t = torch.cat(values).view(n_keep, n)
     valid_t = torch.cat(valid).view(n_keep, n)
-    chosen = torch.arange(n_keep) * n + select_best(values_t, valid_t)
+    chosen = torch.arange(n_keep, device=values_t.device) * n + select_best(values_t, valid_t)
     prop = None if any(p is None for p in props) else torch.cat(props)[chosen]
     kept = Scores(values_t.reshape(-1)[chosen], valid_t.reshape(-1)[chosen], prop)
     return BestOfN(torch.cat(samples)[chosen], kept, candidates.select(chosen), values_t, n_keep * n)
