@@ -73,6 +73,13 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with AMSGrad, as EDM trains, in its fused form: one kernel for all parameters instead
+    of about ten small operations per parameter tensor, which dominate at molecule sizes."""
+    return torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=lr,
+                             weight_decay=weight_decay, amsgrad=True, fused=True)
+
+
 class EMA:
     """Exponential moving average of a model's parameters (a full module, used for sampling)."""
 
@@ -82,8 +89,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        # One multi-tensor call instead of a small op per parameter (the step is op-bound at
+        # molecule sizes); the same arithmetic as ``ema_p.lerp_(p, 1 - decay)`` per parameter.
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()],
+                             1.0 - self.decay)
 
 
 class MetricsLog:
@@ -160,10 +169,7 @@ class Trainer:
         self.tensorboard = tensorboard
         self.progress = progress
         self.bf16_autocast = bf16_autocast
-        self.optimizer = torch.optim.AdamW(
-            (p for p in model.parameters() if p.requires_grad), lr=config.lr, weight_decay=config.weight_decay,
-            amsgrad=True,
-        )
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
         self.ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
         self.elapsed = 0.0  # training wall time over all resumed segments
