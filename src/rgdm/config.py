@@ -137,6 +137,8 @@ class RGDMConfig:
     eta: float = 1.0  # stochasticity of the reverse policy (1 = ancestral; must be > 0)
     num_candidates: int = 8  # K candidates per explored state (step variant)
     explore_steps: int = 4  # explored states per roll-out per iteration (step variant)
+    explore_t_max: float = 1.0  # explore only steps t -> s with t <= explore_t_max * T (fraction of the horizon)
+    replay: int = 1  # step variant: optimizer steps per explored batch (targets are relative to pi_ref, so reusable)
     shift: str = "random"  # feasible shifts: "none", "random", "best_probe", "finite_difference"
     radius: float = 0.5  # exploration radius rho
     radius_units: str = "std"  # unit of rho: "std" (step std), "noise_norm" (std * sqrt(dof)) or "absolute"
@@ -176,13 +178,15 @@ class RGDMConfig:
         _check_range("rgdm.lookahead_steps", self.lookahead_steps, low=0)
         for key in ("batch_size", "num_candidates", "explore_steps", "num_probes",
                     "lookahead_samples", "normalizer_buffer", "normalizer_min_count", "mle_batch_size",
-                    "denoising_repeats"):
+                    "denoising_repeats", "replay"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=1)
         _check_range("rgdm.sampling_steps", self.sampling_steps, low=0)
         _check_range("rgdm.eta", self.eta, low=1e-6, high=1.0)
         _check_range("rgdm.radius", self.radius, low=0.0)
         _check_range("rgdm.tau", self.tau, low=1e-6)
         _check_range("rgdm.target_ess", self.target_ess, low=1e-3, high=1.0)
+        if not 0.0 < self.explore_t_max <= 1.0:
+            raise ConfigError(f"rgdm.explore_t_max: a fraction of the horizon in (0, 1], got {self.explore_t_max}")
         for key in ("lambda_mle", "kl_weight", "fd_jitter"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=0.0)
         if self.variant == "step" and self.antithetic and self.num_candidates % 2:

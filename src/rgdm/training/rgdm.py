@@ -165,10 +165,27 @@ class RGDMObjective:
         self.normalizer = RewardNormalizer(config.normalizer_buffer, config.normalizer_min_count)
         self.reward_calls = 0  # over all ranks
         self._local_calls = 0  # this rank's calls during the current step
+        self._replay_cache: tuple | None = None  # (step, shard, explored items, metrics) while replayed
         self.seed = seed
 
     def _grid(self, model: GaussianDiffusion) -> list[int]:
         return model.time_grid(self.config.sampling_steps or None)
+
+    def explored_pairs(self, grid: list[int], timesteps: int) -> list[int]:
+        """Indices i of the grid's steps grid[i] -> grid[i + 1] that exploration may pick: those with
+        t <= ``explore_t_max`` · T (at least the last step).
+
+        Early in the reverse chain the look-ahead values of candidates differ by no more than their noise
+        (on QM9 the Tweedie estimate is not even a molecule for t >~ 280 of 500), so their weights are
+        uniform and exploring there spends reward calls on the reference's own step. Steps outside the
+        window are not explored: they are trained only by the other terms (λ_mle, the KL), i.e. they
+        stay near π_ref, and the fine-tuned chain targets the pay-off of the window,
+        π_ref(x_0) · exp(r/τ) · E[exp(-V(z_w)/τ) | x_0] with z_w the state entering it — the pay-off
+        itself wherever the soft value at the window's edge is flat.
+        """
+        limit = self.config.explore_t_max * timesteps
+        window = [i for i in range(len(grid) - 1) if grid[i] <= limit + 1e-9]
+        return window or [len(grid) - 2]
 
     def _times(self, t_int: int, s_int: int, n: int) -> tuple[Tensor, Tensor]:
         return step_times(t_int, s_int, n, distributed.module_device(self.reference))
@@ -353,7 +370,7 @@ class RGDMObjective:
         if self.config.variant == "sequence":
             loss, metrics = self._sequence_loss(model, shard, generator)
         else:
-            loss, metrics = self._step_loss(model, shard, generator)
+            loss, metrics = self._step_loss(model, shard, generator, step)
         data_loss = self.task.data_loss(model, step) if self.config.lambda_mle > 0 else None
         if data_loss is not None:
             loss = loss + self.config.lambda_mle * data_loss
@@ -395,23 +412,22 @@ class RGDMObjective:
             return std
         return model.mean_sensitivity(t, s, self.config.eta).to(std.dtype)
 
-    def _step_loss(self, model: GaussianDiffusion, shard: BatchShard, generator) -> tuple[Tensor, dict[str, float]]:
+    def _step_loss(self, model: GaussianDiffusion, shard: BatchShard, generator,
+                   step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        """Explore (or, within ``replay`` steps of the last exploration, reuse it) and regress onto it.
+
+        The per-step targets are pay-offs relative to the frozen reference, not to the policy, so an
+        explored batch stays a valid target while the policy moves: ``replay`` > 1 takes that many
+        optimizer steps per batch of reward calls (only the policy's own step mean is recomputed).
+        """
+        cached = self._replay_cache
+        if cached is None or step - cached[0] >= self.config.replay or step < cached[0]:
+            cached = (step, *self._explore_batch(model, shard, generator))
+            self._replay_cache = cached if self.config.replay > 1 else None
+        _, shard, items, metrics = cached
         cfg, cond = self.config, shard.conditions
-        grid = self._grid(model)
-        traj = collect_trajectories(model, shard, grid, cfg.eta, generator, stochastic=False)
-        final = self.task.score(traj.x0, cond).gathered(shard)
-        self._local_calls += cond.batch_size
-        n_pairs = len(grid) - 1
-        picks = torch.randperm(n_pairs, generator=generator, device=generator.device)[
-            : min(cfg.explore_steps, n_pairs)].sort().values
-        total, ess_all, entropy_all, tau_all = 0.0, [], [], []
-        for idx in picks.tolist():
-            t_int, s_int = grid[idx], grid[idx + 1]
-            z_t = traj.states[idx]
-            exp = self.explore(z_t, t_int, s_int, shard, generator)
-            all_weights, tau = self._weights(shard.gather(exp.values), shard.gather(exp.log_proposal_ratio),
-                                             shard.global_conditions.targets)
-            weights = shard.local(all_weights)
+        total = 0.0
+        for z_t, t_int, s_int, exp, weights in items:
             t, s = self._times(t_int, s_int, cond.batch_size)
             mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
             scale = self._step_scale(model, std, t, s)
@@ -420,7 +436,30 @@ class RGDMObjective:
                 ref_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
                 kl = self._kl_to_reference(model, mean, ref_mean, scale, cond.node_mask)
                 step_loss = step_loss + cfg.kl_weight * kl.sum()
-            total = total + step_loss / shard.global_size / len(picks)  # this rank's share of the mean
+            total = total + step_loss / shard.global_size / len(items)  # this rank's share of the mean
+        return total, dict(metrics)
+
+    @torch.no_grad()
+    def _explore_batch(self, model: GaussianDiffusion, shard: BatchShard, generator) -> tuple[BatchShard, list, dict]:
+        """Roll out the current model, explore ``explore_steps`` of its states inside the window and
+        weight the candidates: (shard, [(z_t, t, s, exploration, local weights)], metrics)."""
+        cfg, cond = self.config, shard.conditions
+        grid = self._grid(model)
+        traj = collect_trajectories(model, shard, grid, cfg.eta, generator, stochastic=False)
+        final = self.task.score(traj.x0, cond).gathered(shard)
+        self._local_calls += cond.batch_size
+        window = self.explored_pairs(grid, model.timesteps)
+        order = torch.randperm(len(window), generator=generator, device=generator.device)[
+            : min(cfg.explore_steps, len(window))]
+        picks = torch.tensor(window, device=order.device)[order].sort().values
+        items, ess_all, entropy_all, tau_all = [], [], [], []
+        for idx in picks.tolist():
+            t_int, s_int = grid[idx], grid[idx + 1]
+            z_t = traj.states[idx]
+            exp = self.explore(z_t, t_int, s_int, shard, generator)
+            all_weights, tau = self._weights(shard.gather(exp.values), shard.gather(exp.log_proposal_ratio),
+                                             shard.global_conditions.targets)
+            items.append((z_t, t_int, s_int, exp, shard.local(all_weights)))
             probabilities = all_weights / all_weights.sum(-1, keepdim=True)
             ess_all.append(effective_sample_size(torch.log(probabilities.clamp(min=1e-30))).mean().item())
             entropy_all.append(-(probabilities * torch.log(probabilities.clamp(min=1e-30))).sum(-1).mean().item())
@@ -428,7 +467,7 @@ class RGDMObjective:
         metrics = reward_metrics(final)
         metrics.update({"ess": _mean(ess_all), "ess_fraction": _mean(ess_all) / cfg.num_candidates,
                         "weight_entropy": _mean(entropy_all), "tau": _mean(tau_all)})
-        return total, metrics
+        return shard, items, metrics
 
     @staticmethod
     def _kl_to_reference(model: GaussianDiffusion, mean: Tensor, reference_mean: Tensor, scale: Tensor,
@@ -552,7 +591,13 @@ def explore_sample(model: GaussianDiffusion, task: Task, config: RGDMConfig, n: 
     shard = BatchShard(cond, 0, n)
     grid = sampler._grid(model)
     z = shard.noise(model, generator)
-    for t_int, s_int in zip(grid[:-1], grid[1:]):
+    window = set(sampler.explored_pairs(grid, model.timesteps))
+    for i, (t_int, s_int) in enumerate(zip(grid[:-1], grid[1:])):
+        if i not in window:  # outside the explored window: the model's own step, no reward call
+            t, s = sampler._times(t_int, s_int, n)
+            z = model.step(z, t, s, cond.node_mask, cond.context, eta=config.eta,
+                           noise=shard.noise(model, generator)).sample
+            continue
         exp = sampler.explore(z, t_int, s_int, shard, generator)
         weights, _ = sampler._weights(exp.values, exp.log_proposal_ratio, cond.targets)
         pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)

@@ -1,0 +1,247 @@
+"""Step-level RGDM on QM9 toward QED: ablations at equal reward calls, and the training baselines.
+
+    OMP_NUM_THREADS=1 python benchmarks/step_ablation.py --seeds 0,1,2 --budget 792 --steps 30 \\
+        --out runs/step_ablation
+    python benchmarks/step_ablation.py --out runs/step_ablation --report   # the table of finished runs
+
+Every run starts from the shipped ``qm9-noh-small`` and trains until it has spent ``--budget`` reward
+calls (the iteration that crosses it finishes; the calls actually spent are reported), with the same
+learning rate and data term (λ_mle) for every method. The reward is RDKit's QED of the molecule built
+with EDM's bonds, −1 for invalid molecules. Then ``--eval-samples`` molecules are sampled at ``--steps``
+reverse steps with one seed and node counts shared by all runs; the table gives the mean reward
+(QED, −1 when invalid), the QED of the valid molecules and validity, mean ± s.e. over seeds.
+
+Settings (``SETTINGS``): the step level as ``benchmarks/compare.py`` runs it (``shipped``: Tweedie
+look-ahead, every step explored) and the molecule recipe ``window`` (explore t <= 0.3 T only, 2
+stochastic continuations per candidate on the roll-outs' grid, 4 optimizer steps per explored batch)
+with one change each: the shift (none / random / finite difference), the radius (in step stds, or in
+noise norms σ_t·√dof), K, the window, the replay and the look-ahead. Baselines (``--baselines``):
+sequence-level RGDM, RWR, DDPO_IS and PPO-clip, at ``--baseline-factor`` times the budget, evaluated
+also at the budget itself: target (b) asks whether the best step-level setting reaches the best
+baseline's final reward with a third of its calls.
+
+Runs write ``<out>/<setting>-s<seed>.json`` and are skipped when present, so an interrupted
+benchmark continues; ``<out>/results.json`` and ``results.md`` hold the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rgdm.config import DDPOConfig, RGDMConfig, RWRConfig, TrainConfig, ppo_clip_defaults
+
+QED = {"name": "qed", "method": "edm", "backend": "inline"}
+# Every step-level setting spends the same reward calls per exploration: B + B · explore_steps · K · M
+# (+ the probes of finite differences), 132 at B = 4, so that equal budgets mean equal numbers of
+# explored batches; K and the look-ahead change explore_steps to keep it so.
+WINDOW = {"variant": "step", "num_candidates": 8, "explore_steps": 2, "explore_t_max": 0.3,
+          "lookahead": "continuation", "lookahead_samples": 2, "lookahead_steps": 0, "shift": "random",
+          "radius": 0.5, "radius_units": "std", "replay": 4}
+SETTINGS: dict[str, dict] = {
+    "shipped": {"variant": "step", "num_candidates": 8, "explore_steps": 4},  # compare.py's step level
+    "window": WINDOW,
+    "window shift=none": {**WINDOW, "shift": "none"},
+    "window shift=finite_difference": {**WINDOW, "shift": "finite_difference", "num_probes": 7, "explore_steps": 1},
+    "window radius=1.0": {**WINDOW, "radius": 1.0},
+    "window radius=0.1 noise_norm": {**WINDOW, "radius": 0.1, "radius_units": "noise_norm"},
+    "window K=4": {**WINDOW, "num_candidates": 4, "explore_steps": 4},
+    "window K=16": {**WINDOW, "num_candidates": 16, "explore_steps": 1},
+    "window t_max=0.15": {**WINDOW, "explore_t_max": 0.15},
+    "window t_max=1": {**WINDOW, "explore_t_max": 1.0},
+    "window replay=1": {**WINDOW, "replay": 1},
+    "window lookahead=tweedie": {**WINDOW, "lookahead": "tweedie", "explore_steps": 4},
+}
+BASELINES = ("rgdm_sequence", "rwr", "ddpo_is", "ppo")
+
+
+def make_objective(name: str, model, task, args: argparse.Namespace, seed: int):
+    """The objective of a setting or baseline; every method gets the same data term."""
+    from rgdm.training.ddpo import DDPOObjective
+    from rgdm.training.rgdm import RGDMObjective
+    from rgdm.training.rwr import RWRObjective
+
+    common = {"sampling_steps": args.steps, "lambda_mle": args.lambda_mle, "mle_batch_size": 32}
+    if name in SETTINGS:
+        config = RGDMConfig(batch_size=args.batch, tau=args.tau, **common, **SETTINGS[name])
+        return RGDMObjective(model, task, config, seed)
+    if name == "rgdm_sequence":
+        config = RGDMConfig(variant="sequence", batch_size=args.baseline_batch, tau=args.tau, **common)
+        return RGDMObjective(model, task, config, seed)
+    if name == "rwr":  # weights softmax(beta · z-scored reward), beta = 1 / tau: RGDM's temperature
+        config = RWRConfig(batch_size=args.baseline_batch, normalize_rewards=True, beta=1.0 / args.tau, **common)
+        return RWRObjective(model, task, config, seed)
+    if name == "ddpo_is":  # benchmarks/compare.py's DDPO_IS (running per-target tracker)
+        config = DDPOConfig(variant="is", batch_size=args.baseline_batch, inner_epochs=2, minibatches=2,
+                            timestep_fraction=0.5, **common)
+        return DDPOObjective(model, task, config, seed)
+    if name == "ppo":  # RLPF's PPO-clip at its defaults (batch 32, 4 epochs of 2 minibatches, batch advantages)
+        base = ppo_clip_defaults()
+        config = DDPOConfig(variant="is", batch_size=base.batch_size, inner_epochs=base.inner_epochs,
+                            minibatches=base.minibatches, advantage_baseline=base.advantage_baseline,
+                            timestep_fraction=0.5, **common)
+        return DDPOObjective(model, task, config, seed, name="ppo-clip")
+    raise ValueError(f"unknown setting {name!r}")
+
+
+def evaluate(model, task, args: argparse.Namespace) -> dict[str, float]:
+    from rgdm.eval.compare import sample_scored
+
+    result = sample_scored(model, task, args.eval_samples, args.steps, seed=1234, progress=False)
+    reward, valid = np.asarray(result["reward"]), np.asarray(result["reward_valid"]).astype(bool)
+    return {"reward": float(reward.mean()), "qed_valid": float(reward[valid].mean()) if valid.any() else math.nan,
+            "validity": float(valid.mean())}
+
+
+def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
+    from rgdm.rewards import make_reward
+    from rgdm.runs import load_model, load_training_data
+    from rgdm.training.loop import Trainer
+    from rgdm.training.tasks import MoleculeTask
+
+    loaded = load_model("qm9-noh-small")
+    model = loaded.model.train()
+    torch.manual_seed(seed)
+    budget = args.budget * (args.baseline_factor if name in BASELINES else 1)
+    checkpoints = sorted({args.budget, budget})
+    dataset = load_training_data(loaded.config) if args.lambda_mle > 0 else None
+    with make_reward(QED) as reward:
+        task = MoleculeTask(model, reward, dataset, mle_batch_size=32 if args.lambda_mle > 0 else 0,
+                            seed=seed)
+        objective = make_objective(name, model, task, args, seed)
+        train = TrainConfig(steps=1, lr=args.lr, ema_decay=0.0, grad_clip=1.0, log_every=10**9, val_every=10**9,
+                            checkpoint_every=10**9, seed=seed)
+        with _quiet_dir() as tmp:
+            trainer = Trainer(model, objective, train, Path(tmp), {"config": {"setting": name}},
+                              tensorboard=False, progress=False)
+            started = time.perf_counter()
+            points = []
+            for limit in checkpoints:
+                while objective.reward_calls < limit or _replaying(objective, trainer.step):
+                    trainer.config.steps = trainer.step + 1
+                    trainer.fit()
+                seconds = time.perf_counter() - started
+                model.eval()
+                points.append({"reward_calls": objective.reward_calls, "iterations": trainer.step,
+                               "train_seconds": round(seconds, 1), **evaluate(model, task, args)})
+                model.train()
+                print(f"  {name} seed {seed}: {objective.reward_calls} calls, {trainer.step} it., "
+                      f"reward {points[-1]['reward']:.3f}, QED {points[-1]['qed_valid']:.3f}, "
+                      f"validity {points[-1]['validity']:.3f}", flush=True)
+    return {"setting": name, "seed": seed, "points": points}
+
+
+def _replaying(objective, step: int) -> bool:
+    """Whether the next step would still reuse the last explored batch (no new reward calls)."""
+    cache = getattr(objective, "_replay_cache", None)
+    return cache is not None and step - cache[0] < objective.config.replay
+
+
+class _quiet_dir:
+    def __enter__(self):
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory()
+        return self._tmp.name
+
+    def __exit__(self, *exc):
+        self._tmp.cleanup()
+
+
+def base_row(args: argparse.Namespace) -> dict:
+    from rgdm.rewards import make_reward
+    from rgdm.runs import load_model
+    from rgdm.training.tasks import MoleculeTask
+
+    model = load_model("qm9-noh-small").model.eval()
+    with make_reward(QED) as reward:
+        return {"points": [{"reward_calls": 0, "iterations": 0, "train_seconds": 0.0,
+                            **evaluate(model, MoleculeTask(model, reward), args)}]}
+
+
+def mean_se(values: list[float]) -> str:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "–"
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{m:.3f}"
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return f"{m:.3f} ± {se:.3f}"
+
+
+def table(runs: dict[str, list[dict]], base: dict | None, budget: int) -> str:
+    lines = ["| setting | reward calls | iterations | reward (QED, −1 invalid) | QED of valid | validity | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    if base is not None:
+        p = base["points"][0]
+        lines.append(f"| base `qm9-noh-small` | 0 | 0 | {p['reward']:.3f} | {p['qed_valid']:.3f} | "
+                     f"{p['validity']:.3f} | – |")
+    for name, results in runs.items():
+        for index in range(max(len(r["points"]) for r in results)):
+            points = [r["points"][index] for r in results if len(r["points"]) > index]
+            calls = sum(p["reward_calls"] for p in points) / len(points)
+            label = name if calls <= budget * 1.5 else f"{name} (×{round(calls / budget)} budget)"
+            lines.append(
+                f"| {label} | {calls:,.0f} | {sum(p['iterations'] for p in points) / len(points):.0f} | "
+                f"{mean_se([p['reward'] for p in points])} | {mean_se([p['qed_valid'] for p in points])} | "
+                f"{mean_se([p['validity'] for p in points])} | "
+                f"{sum(p['train_seconds'] for p in points) / len(points):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and evaluation samples")
+    parser.add_argument("--budget", type=int, default=792, help="reward calls per step-level run")
+    parser.add_argument("--baseline-factor", type=int, default=3, help="baselines get this many times the budget")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated setting names")
+    parser.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated, or empty")
+    parser.add_argument("--batch", type=int, default=4, help="roll-outs per step-level exploration")
+    parser.add_argument("--baseline-batch", type=int, default=16, help="roll-outs per baseline iteration")
+    parser.add_argument("--tau", type=float, default=0.5, help="temperature in reward standard deviations")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lambda-mle", type=float, default=1.0)
+    parser.add_argument("--eval-samples", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/step_ablation"))
+    parser.add_argument("--report", action="store_true", help="only print the table of finished runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = [n for n in args.settings.split(",") if n] + [n for n in args.baselines.split(",") if n]
+    base_path = args.out / "base.json"
+    if not args.report:
+        if not base_path.exists():
+            base_path.write_text(json.dumps(base_row(args), indent=2))
+        for name in names:
+            for seed in seeds:
+                path = args.out / f"{name.replace(' ', '_').replace('=', '')}-s{seed}.json"
+                if path.exists():
+                    continue
+                print(f"{name}, seed {seed} ...", flush=True)
+                path.write_text(json.dumps(run_one(name, seed, args), indent=2))
+    runs: dict[str, list[dict]] = {}
+    for name in names:
+        for seed in seeds:
+            path = args.out / f"{name.replace(' ', '_').replace('=', '')}-s{seed}.json"
+            if path.exists():
+                runs.setdefault(name, []).append(json.loads(path.read_text()))
+    base = json.loads(base_path.read_text()) if base_path.exists() else None
+    text = table(runs, base, args.budget)
+    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "base": base, "runs": runs}, indent=2))
+    (args.out / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Step-level RGDM on molecules: the explored window, replayed explorations, the radius in noise norms
+(sqrt of the masked molecule's degrees of freedom) and continuation look-aheads that count their calls.
+
+The window and replay checks run on the exact N(0, I) model (milliseconds); the radius and continuation
+checks on the tiny pre-trained QM9 model with RDKit's QED.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rgdm.config import ConfigError, RGDMConfig
+from rgdm.diffusion.analytic import standard_gaussian_diffusion
+from rgdm.training.rgdm import RGDMObjective, explore_sample
+from rgdm.training.tasks import BatchShard, GaussianTask
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def gaussian_objective(**config) -> RGDMObjective:
+    model = standard_gaussian_diffusion(dim=2, timesteps=100)
+    settings = {"sampling_steps": 20, "num_candidates": 4, "batch_size": 4, "normalize_rewards": False, **config}
+    return RGDMObjective(model, GaussianTask(2, lambda x: x.sum(-1)), RGDMConfig(**settings))
+
+
+def explored_times(objective: RGDMObjective, monkeypatch, iterations: int = 6) -> list[int]:
+    seen: list[int] = []
+    explore = objective.explore
+
+    def recording(z_t, t_int, s_int, shard, generator=None):
+        seen.append(t_int)
+        return explore(z_t, t_int, s_int, shard, generator)
+
+    monkeypatch.setattr(objective, "explore", recording)
+    model = objective.reference
+    for step in range(iterations):
+        objective.loss(model, step)
+    return seen
+
+
+def test_window_explores_only_low_times(monkeypatch):
+    objective = gaussian_objective(explore_t_max=0.3, explore_steps=3)
+    seen = explored_times(objective, monkeypatch)
+    assert seen and max(seen) <= 30, seen
+    # Negative control: the full horizon explores high times too.
+    everywhere = explored_times(gaussian_objective(explore_t_max=1.0, explore_steps=3), monkeypatch)
+    assert max(everywhere) > 30, everywhere
+
+
+def test_window_keeps_at_least_the_last_step():
+    objective = gaussian_objective(explore_t_max=0.001)
+    grid = objective._grid(objective.reference)
+    assert objective.explored_pairs(grid, 100) == [len(grid) - 2]
+    assert objective.explored_pairs(grid, 100) != gaussian_objective().explored_pairs(grid, 100)
+    assert len(gaussian_objective().explored_pairs(grid, 100)) == len(grid) - 1
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -0.2])
+def test_window_outside_unit_interval_is_refused(value):
+    with pytest.raises(ConfigError, match="explore_t_max"):
+        RGDMConfig(explore_t_max=value).validate()
+
+
+def test_replay_reuses_an_explored_batch_without_new_reward_calls():
+    """replay = 3: reward calls at steps 0 and 3 only; in between the loss is recomputed on the cached
+    targets with the moved policy (the targets are relative to pi_ref, so they stay valid)."""
+    objective = gaussian_objective(replay=3, explore_steps=2)
+    model = copy.deepcopy(objective.reference).requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    calls, losses = [], []
+    for step in range(6):
+        loss, metrics = objective.loss(model, step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        calls.append(objective.reward_calls)
+        losses.append(loss.item())
+    per_batch = calls[0]
+    assert per_batch > 0
+    assert calls == [per_batch] * 3 + [2 * per_batch] * 3, calls
+    assert losses[1] != losses[0] and losses[2] != losses[1]  # the policy moved; the targets did not
+    # Negative control: without replay every step explores afresh.
+    fresh = gaussian_objective(replay=1, explore_steps=2)
+    for step in range(3):
+        fresh.loss(copy.deepcopy(model), step)
+    assert fresh.reward_calls == 3 * per_batch
+
+
+def test_exploration_at_sampling_time_pays_only_inside_the_window():
+    model = standard_gaussian_diffusion(dim=2, timesteps=100)
+    config = RGDMConfig(sampling_steps=20, num_candidates=4, explore_t_max=0.3, normalize_rewards=False)
+    samples, _, calls = explore_sample(model, GaussianTask(2, lambda x: x.sum(-1)), config, 8,
+                                       torch.Generator().manual_seed(0))
+    grid = model.time_grid(20)
+    inside = sum(1 for t in grid[:-1] if t <= 30)
+    assert calls == 8 * 4 * inside < 8 * 4 * 20
+    assert torch.isfinite(samples).all()
+
+
+# ------------------------------------------------------------------------------------------------- #
+# Molecules: the tiny pre-trained QM9 model, RDKit's QED.
+
+
+@pytest.fixture
+def molecule_objective(tiny_pretrained):
+    from rgdm.rewards import make_reward
+    from rgdm.runs import load_model
+    from rgdm.training.tasks import MoleculeTask
+
+    model = load_model(str(tiny_pretrained)).model
+    reward = make_reward({"name": "qed", "method": "edm", "backend": "inline"})
+
+    def build(**config) -> RGDMObjective:
+        settings = {"sampling_steps": 6, "num_candidates": 4, "batch_size": 3, "explore_steps": 1, **config}
+        return RGDMObjective(model, MoleculeTask(model, reward), RGDMConfig(**settings))
+
+    yield build
+    reward.close()
+
+
+def explored_shifts(objective: RGDMObjective, seed: int = 0):
+    """Shifts of the candidates of one explored state of the tiny model, their molecules' dof and std."""
+    model, task = objective.reference, objective.task
+    generator = torch.Generator().manual_seed(seed)
+    shard = BatchShard.of(task.conditions(objective.config.batch_size, generator))
+    cond = shard.conditions
+    grid = objective._grid(model)
+    t_int, s_int = grid[1], grid[2]
+    z_t = shard.noise(model, generator)
+    exp = objective.explore(z_t, t_int, s_int, shard, generator)
+    shifts = exp.candidates - exp.perturbations - exp.reference_mean.unsqueeze(1)  # [B, K, N, F]
+    b, k = shifts.shape[:2]
+    mask_k = cond.repeat(k).node_mask
+    norms = model.sq_norm(shifts.reshape(b * k, *shifts.shape[2:]), mask_k).sqrt().view(b, k)
+    t, s = objective._times(t_int, s_int, b)
+    _, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, objective.config.eta)
+    n_atoms = cond.node_mask.sum(dim=(1, 2))
+    features = shifts.shape[-1] - 3
+    dof = 3 * (n_atoms - 1) + n_atoms * features
+    return exp, shifts, norms, std, dof, cond
+
+
+def test_noise_norm_radius_scales_with_the_square_root_of_the_molecules_dof(molecule_objective):
+    objective = molecule_objective(radius=0.3, radius_units="noise_norm", shift="random", antithetic=False,
+                                   lookahead="tweedie")
+    exp, shifts, norms, std, dof, cond = explored_shifts(objective)
+    expected = 0.3 * std * dof.sqrt()
+    assert torch.allclose(norms[:, 0], torch.zeros_like(norms[:, 0]), atol=1e-6)  # shift 0: the reference step
+    assert torch.allclose(norms[:, 1:], expected[:, None].expand_as(norms[:, 1:]), rtol=1e-4), (norms, expected)
+    # Shifts keep the centre of mass at zero and the padding at zero.
+    mask = cond.node_mask.unsqueeze(1)  # [B, 1, N, 1]
+    assert torch.allclose((shifts[..., :3] * mask).sum(2), torch.zeros(1), atol=1e-5)
+    assert (shifts * (1 - mask)).abs().max() == 0
+    # Negative control: the step-std unit is shorter by exactly sqrt(dof).
+    std_objective = molecule_objective(radius=0.3, radius_units="std", shift="random", antithetic=False,
+                                       lookahead="tweedie")
+    _, _, std_norms, std2, _, _ = explored_shifts(std_objective)
+    assert torch.allclose(std_norms[:, 1:], 0.3 * std2[:, None].expand_as(std_norms[:, 1:]), rtol=1e-4)
+
+
+def test_continuation_lookahead_on_molecules_counts_every_reward_call(molecule_objective, monkeypatch):
+    """B roll-outs scored once, plus K candidates x M continuations per explored state (one call per
+    candidate when the explored step ends at t = 0): the objective's count equals the reward's own."""
+    b, k, m = 3, 4, 2
+    objective = molecule_objective(lookahead="continuation", lookahead_samples=m, lookahead_steps=0,
+                                   explore_t_max=0.6, explore_steps=2, batch_size=b, num_candidates=k)
+    ends: list[int] = []
+    explore = objective.explore
+
+    def recording(z_t, t_int, s_int, shard, generator=None):
+        assert t_int <= 0.6 * objective.reference.timesteps
+        result = explore(z_t, t_int, s_int, shard, generator)
+        ends.append(s_int)
+        assert result.values.shape == ((b, k, m) if s_int > 0 else (b, k))
+        return result
+
+    monkeypatch.setattr(objective, "explore", recording)
+    samples_before = objective.task.reward.stats()["samples"]
+    loss, metrics = objective.loss(objective.reference, 0)
+    expected = b + sum(b * k * (m if s > 0 else 1) for s in ends)
+    assert len(ends) == 2
+    assert metrics["reward_calls"] == objective.reward_calls == expected
+    assert objective.task.reward.stats()["samples"] - samples_before == expected
+    assert torch.isfinite(loss) and 0 < metrics["ess"] <= k
