@@ -98,24 +98,10 @@ def _label(source: str | Path) -> str:
 # The work behind the commands (shared by `rgdm <command>` and `rgdm shapes <command>`).
 
 
-def shapes_device(device: str) -> str:
-    """The device of a shape command: the CPU in this release.
-
-    ``--device`` goes through the shared resolver first (an unknown name, or cuda without a GPU, is
-    the same one-line error as for molecules); ``auto`` then means the CPU, and an explicit ``cuda``
-    is refused in one line: the point-cloud objectives still draw their noise on the CPU.
-    """
-    from rgdm.config import ConfigError
-
-    if resolve_device_option(device).type == "cuda" and device == "cuda":
-        raise ConfigError("--device cuda: shape models run on the CPU in this release (use --device cpu or auto)")
-    return "cpu"
-
-
 def run_pretrain(config: Path, name: str | None, resume: bool, set_: list[str] | None,
                  device: str = "auto") -> Path:
-    """Pre-train a shape model from a ``domain: shapes`` YAML file; returns the run directory."""
-    shapes_device(device)
+    """Pre-train a shape model from a ``domain: shapes`` YAML file on ``device``; returns the run directory."""
+    resolve_device_option(device)  # an unknown name, or cuda without a GPU: one line, before any work
     from rgdm.cli_runs import claimed_run, run_name
     from rgdm.config import check_run_name, load_config
     from rgdm.training.pretrain import pretrain
@@ -127,7 +113,7 @@ def run_pretrain(config: Path, name: str | None, resume: bool, set_: list[str] |
     cfg = load_config(config, ShapeRunConfig, overrides)
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
-        trainer = pretrain(cfg, run_dir, resume=resume)  # the shared code path; shapes run on the CPU
+        trainer = pretrain(cfg, run_dir, resume=resume, device=device)  # the shared code path
     typer.echo(f"checkpoints in {run_dir / 'checkpoints'} ({trainer.step} steps)")
     return run_dir
 
@@ -142,8 +128,9 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
     For ``shape_class`` the classifier defaults to ``runs/shape-classifier`` and ``target`` (a class
     of the base model) is required; a class-conditional base is also asked for ``target``.
     compare: clouds sampled before and after for ``report.md`` (needs a classifier and a target).
+    The model, its roll-outs and their generators run on ``device``; rewards on the CPU.
     """
-    shapes_device(device)
+    resolve_device_option(device)
     from rgdm import distributed
     from rgdm.cli_runs import claimed_run, run_name
     from rgdm.config import ConfigError, check_run_name, from_dict, load_config, set_dotted, to_dict
@@ -177,7 +164,7 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
         try:
-            finetune(cfg, run_dir, resume=resume)  # the shared code path; shapes run on the CPU
+            finetune(cfg, run_dir, resume=resume, device=device)  # the shared code path
         except ValueError as err:  # e.g. a class the classifier does not know: one line, not a traceback
             raise ConfigError(str(err)) from None
         finally:
@@ -191,7 +178,7 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
         report_classifier = classifier or cfg.reward.get("model") or DEFAULT_CLASSIFIER
         if compare and report_target and Path(report_classifier).exists():
             _report(run_dir, {"before": base, "after": str(run_dir)}, str(report_classifier), str(report_target),
-                    compare)
+                    compare, device=device)
         elif compare:
             typer.echo("no before/after report: it needs --target and a classifier (--classifier)")
     return run_dir
@@ -208,7 +195,7 @@ def run_evaluate(models: list[str], classifier: str | None = None, target: str |
     """
     from rgdm.config import ConfigError
 
-    shapes_device(device)
+    resolve_device_option(device)
     classes = _model_classes(models[0])
     trained = _checkpoint_state(models[0]).get("config") or {}
     reward = trained.get("reward") if isinstance(trained.get("reward"), dict) else {}
@@ -221,16 +208,18 @@ def run_evaluate(models: list[str], classifier: str | None = None, target: str |
     if not overwrite and (out / "metrics.json").exists():
         raise ConfigError(f"{out / 'metrics.json'} exists; pass --overwrite to replace the report, "
                           "or choose another --out")
-    _report(out, {_label(m): m for m in models}, classifier, str(target), DEFAULT_COMPARE if n is None else n, seed)
+    _report(out, {_label(m): m for m in models}, classifier, str(target), DEFAULT_COMPARE if n is None else n, seed,
+            device)
     return out
 
 
-def _report(out: Path, models: dict[str, str], classifier: str, target: str, n: int, seed: int = 0) -> None:
+def _report(out: Path, models: dict[str, str], classifier: str, target: str, n: int, seed: int = 0,
+            device: str = "auto") -> None:
     from rgdm.config import ConfigError
     from rgdm.eval.shapes import shape_report
 
     try:
-        rows = shape_report(models, classifier, target, n, out, seed=seed)
+        rows = shape_report(models, classifier, target, n, out, seed=seed, device=resolve_device_option(device))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     typer.echo(json.dumps(rows, indent=2))
@@ -262,7 +251,7 @@ def train_classifier_cmd(
     device: DeviceOption = "auto",
 ) -> None:
     """Train the PointNet shape classifier (the shape_class reward's model); report its test accuracy."""
-    shapes_device(device)
+    resolve_device_option(device)
     from rgdm.cli_runs import claimed_run, run_name
     from rgdm.config import check_run_name, from_dict, load_config, set_dotted, to_dict
     from rgdm.training.classifier import ClassifierConfig, train_classifier
@@ -275,7 +264,7 @@ def train_classifier_cmd(
     cfg = from_dict(ClassifierConfig, values).validate()
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
-        metrics = train_classifier(cfg, run_dir, resume=resume)
+        metrics = train_classifier(cfg, run_dir, resume=resume, device=device)
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"checkpoints in {run_dir / 'checkpoints'}; test accuracy in {run_dir / 'test_metrics.json'}")
 

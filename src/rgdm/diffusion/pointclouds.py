@@ -67,14 +67,15 @@ class PointCloudDiffusion(GaussianDiffusion):
     # Conditioning. ------------------------------------------------------------------------ #
 
     def context_for(self, classes: Sequence[str | int] | Tensor) -> Tensor | None:
-        """One-hot context [B, C] for class names or label indices; None for an unconditional model."""
+        """One-hot context [B, C] for class names or label indices, on the model's device; None for an
+        unconditional model."""
         if not self.conditional:
             return None
         if isinstance(classes, Tensor):
             indices = classes.long()
         else:
             indices = torch.tensor([self.class_index(c) for c in classes], dtype=torch.long)
-        return torch.nn.functional.one_hot(indices, len(self.class_names)).float()
+        return torch.nn.functional.one_hot(indices, len(self.class_names)).float().to(self.schedule.alphas.device)
 
     def class_index(self, name: str | int) -> int:
         if isinstance(name, int):

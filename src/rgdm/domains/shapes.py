@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rgdm import distributed
 from rgdm.diffusion.pointclouds import PointCloudDiffusion
 from rgdm.domains import Samples, TrainingData
 from rgdm.training.shape_configs import METHODS, ShapeFinetuneConfig, ShapeRunConfig
@@ -91,7 +92,8 @@ class ShapeDomain:
     def sample(self, model: PointCloudDiffusion, n: int, num_steps: int | None = None, seed: int = 0) -> Samples:
         """Clouds of an unconditional model, or of the first class of a conditional one."""
         classes = [model.class_names[0]] * n if model.conditional else None
-        return Samples(model.generate(n, classes, num_steps=num_steps, generator=torch.Generator().manual_seed(seed)))
+        generator = distributed.generator_on(distributed.module_device(model), seed)
+        return Samples(model.generate(n, classes, num_steps=num_steps, generator=generator).cpu())
 
     def metrics(self, model: PointCloudDiffusion, samples: Samples) -> dict[str, float]:
         """Size and spread of the clouds (the classifier metrics need a classifier: rgdm.eval.shapes)."""

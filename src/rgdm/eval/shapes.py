@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rgdm import distributed
 from rgdm.data.shapes import subsample_points
 from rgdm.eval.pointclouds import evaluate_point_clouds
 from rgdm.models.pointnet import PointNetClassifier
@@ -91,8 +92,12 @@ def render_point_clouds(rows: Mapping[str, Tensor], out: str | Path, columns: in
 
 
 def shape_report(models: Mapping[str, str | Path], classifier: str | Path, target: str, n: int, out: str | Path,
-                 cd_points: int = 256, emd_points: int = 0, seed: int = 0) -> list[dict[str, float | str]]:
+                 cd_points: int = 256, emd_points: int = 0, seed: int = 0,
+                 device: str | torch.device = "cpu") -> list[dict[str, float | str]]:
     """Sample ``n`` clouds from each model (label -> run or checkpoint) and compare them on ``target``.
+
+    The models sample on ``device`` (noise drawn there from ``seed``); the classifier and the set
+    metrics run on the CPU.
 
     Writes ``report.md``, ``metrics.json`` and ``samples.png`` (one row of renders per model) to
     ``out``; the reference set is the test split of the target class, in the first model's data frame.
@@ -103,14 +108,15 @@ def shape_report(models: Mapping[str, str | Path], classifier: str | Path, targe
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     judge = load_classifier(classifier)
-    loaded = {label: load_shape_model(source) for label, source in models.items()}
+    loaded = {label: load_shape_model(source, device=device) for label, source in models.items()}
     first = next(iter(loaded.values()))
     reference = load_shape_split(first.config.data, "test").of_class(target).points
     rows, samples = [], {}
     for label, entry in loaded.items():
         classes = [target] if entry.model.conditional else None
         clouds = entry.model.generate(n, classes, num_steps=entry.config.diffusion.sampling_steps,
-                                      generator=torch.Generator().manual_seed(seed))
+                                      generator=distributed.generator_on(distributed.module_device(entry.model),
+                                                                         seed)).cpu()
         samples[label] = clouds
         generator = torch.Generator().manual_seed(seed)
         metrics = evaluate_shape_samples(subsample_points(clouds, min(cd_points, clouds.shape[1]), generator),

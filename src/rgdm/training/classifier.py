@@ -83,11 +83,13 @@ class ClassificationObjective:
         self.config = config
 
     def loss(self, model: PointNetClassifier, step: int) -> tuple[Tensor, dict[str, float]]:
+        # The augmentation is drawn on the CPU, where the data are; the batch then moves to the model.
         generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + step)
         indices = self.stream.next_indices()
         points = augment_clouds(self.dataset.points[indices], self.config.jitter, self.config.scale_range, generator)
-        logits = model(points)
-        labels = self.dataset.labels[indices]
+        device = distributed.module_device(model)
+        logits = model(points.to(device))
+        labels = self.dataset.labels[indices].to(device)
         accuracy = (logits.argmax(1) == labels).float().mean().item()
         return torch.nn.functional.cross_entropy(logits, labels), {"train_accuracy": accuracy}
 
@@ -103,7 +105,9 @@ def classifier_accuracy(model: PointNetClassifier, dataset: PointCloudDataset, b
                         ) -> dict[str, float]:
     """Overall and per-class accuracy of ``model`` on ``dataset``."""
     model.eval()
-    predictions = torch.cat([model(batch.points).argmax(1) for batch in dataset.batches(batch_size, shuffle=False)])
+    device = distributed.module_device(model)
+    predictions = torch.cat([model(batch.points.to(device)).argmax(1).cpu()
+                             for batch in dataset.batches(batch_size, shuffle=False)])
     correct = predictions == dataset.labels
     metrics = {"accuracy": correct.float().mean().item(), "n": float(len(dataset))}
     for index, name in enumerate(dataset.class_names):
@@ -114,16 +118,18 @@ def classifier_accuracy(model: PointNetClassifier, dataset: PointCloudDataset, b
 
 
 def train_classifier(config: ClassifierConfig, run_dir: str | Path, resume: bool = False,
-                     progress: bool = True) -> dict[str, float]:
-    """Train the PointNet classifier; returns (and writes to test_metrics.json) its test accuracy."""
+                     progress: bool = True, device: str = "cpu") -> dict[str, float]:
+    """Train the PointNet classifier on ``device`` (auto, cpu or cuda; float32); returns (and writes to
+    test_metrics.json) its test accuracy."""
     config.validate()
+    torch_device = distributed.resolve_device(device)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     train_set = load_shape_split(config.data, "train", config.train.seed)
     val_set = load_shape_split(config.data, "val", config.train.seed)
     test_set = load_shape_split(config.data, "test", config.train.seed)
     torch.manual_seed(config.train.seed)
-    model = PointNetClassifier(len(train_set.class_names), config.width, train_set.class_names)
+    model = PointNetClassifier(len(train_set.class_names), config.width, train_set.class_names).to(torch_device)
     run_info = {"kind": "shape_classifier", "config": to_dict(config), "classifier_spec": model.spec()}
 
     def evaluate(current: PointNetClassifier, step: int) -> dict[str, float]:

@@ -375,7 +375,8 @@ class RGDMObjective:
         if data_loss is not None:
             loss = loss + self.config.lambda_mle * data_loss
             metrics["mle_loss"] = data_loss.item()  # this rank's share
-        calls = torch.tensor([self._local_calls], dtype=torch.long)
+        # on the model's device: nccl (GPU ranks) reduces CUDA tensors only
+        calls = torch.tensor([self._local_calls], dtype=torch.long, device=distributed.module_device(model))
         self.reward_calls += int(distributed.all_reduce_sum(calls).item())
         metrics["reward_calls"] = float(self.reward_calls)
         metrics.update(task_stats(self.task))

@@ -77,7 +77,7 @@ class BatchShard:
         """Standard noise of the state space for this rank's rows, each repeated ``repeats`` times
         consecutively (candidates, probes), drawn for the global batch and sliced."""
         cond = self.global_conditions if repeats == 1 else self.global_conditions.repeat(repeats)
-        device = cond.node_mask.device if cond.node_mask is not None else None
+        device = cond.node_mask.device if cond.node_mask is not None else distributed.module_device(model)
         full = model.noise(torch.empty(cond.shape, device=device), cond.node_mask, generator)
         return full[self.start * repeats : self.stop * repeats]
 
@@ -136,13 +136,18 @@ def data_generator(seed: int, step: int) -> torch.Generator:
 
 def sharded_denoising_loss(model: Any, x: Tensor, generator: torch.Generator, context: Tensor | None = None) -> Tensor:
     """This rank's share of the mean denoising loss of a global data batch ``x`` without a node mask:
-    the noise level and noise of every sample are drawn for the whole batch, then sliced."""
+    the noise level and noise of every sample are drawn for the whole batch, then sliced.
+
+    ``x`` and ``generator`` are the data's (the CPU's): the draws are made there, as pre-training's
+    data noise is, and the rank's slice moves to the model's device."""
     size = x.shape[0]
     t = torch.randint(0, model.timesteps + 1, (size,), generator=generator)
     noise = model.noise(x, None, generator)
     start, stop = distributed.shard_bounds(size)
-    local_context = None if context is None else context[start:stop]
-    per_sample = model.loss(x[start:stop], None, local_context, t=t[start:stop], noise=noise[start:stop])
+    device = distributed.module_device(model)
+    local_context = None if context is None else context[start:stop].to(device)
+    per_sample = model.loss(x[start:stop].to(device), None, local_context, t=t[start:stop].to(device),
+                            noise=noise[start:stop].to(device))
     return per_sample.sum() / size
 
 
