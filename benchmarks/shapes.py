@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from rgdm.config import load_config
+from rgdm.config import ConfigError, load_config
 from rgdm.data.shapes import subsample_points
+from rgdm.distributed import generator_on, resolve_device
 from rgdm.eval.shapes import evaluate_shape_samples, render_point_clouds
 from rgdm.training.classifier import ClassifierConfig, load_classifier, train_classifier
 from rgdm.training.finetune import finetune
@@ -50,25 +51,25 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "last_metrics.json").is_file()
 
 
-def pretrain_stage(config_name: str, run_dir: Path, minutes: float) -> None:
+def pretrain_stage(config_name: str, run_dir: Path, minutes: float, device: str = "cpu") -> None:
     if finished(run_dir):
         print(f"[skip] {run_dir} already trained")
         return
     overrides = {"name": run_dir.name, "train.max_minutes": minutes, "train.num_threads": 1}
     cfg = load_config(CONFIGS / config_name, ShapeRunConfig, overrides)
-    pretrain(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False)
+    pretrain(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False, device=device)
 
 
-def classifier_stage(run_dir: Path, minutes: float) -> dict[str, float]:
+def classifier_stage(run_dir: Path, minutes: float, device: str = "cpu") -> dict[str, float]:
     if not finished(run_dir):
         overrides = {"name": run_dir.name, "train.max_minutes": minutes, "train.num_threads": 1}
         cfg = load_config(CONFIGS / "shapes_classifier.yaml", ClassifierConfig, overrides)
-        train_classifier(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False)
+        train_classifier(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False, device=device)
     return json.loads((run_dir / "test_metrics.json").read_text())
 
 
 def finetune_stage(method: str, base: Path, classifier: Path, target: str, run_dir: Path, minutes: float,
-                   lr: float) -> dict[str, float]:
+                   lr: float, device: str = "cpu") -> dict[str, float]:
     if not finished(run_dir):
         cfg = ShapeFinetuneConfig(name=run_dir.name, base=str(base), method=method, reward={
             "name": "shape_class", "model": str(classifier), "target_class": target, "backend": "inline",
@@ -77,7 +78,7 @@ def finetune_stage(method: str, base: Path, classifier: Path, target: str, run_d
         cfg.train.max_minutes = minutes
         cfg.train.lr = lr
         cfg.train.num_threads = 1
-        finetune(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False)
+        finetune(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=False, device=device)
     return json.loads((run_dir / "last_metrics.json").read_text())
 
 
@@ -93,36 +94,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cd-points", type=int, default=256, help="points per cloud for the CD metrics")
     parser.add_argument("--emd-points", type=int, default=128, help="points per cloud for EMD (0 = skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the models train and sample")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where shapes_before_after.png goes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
     runs = {name: out / name for name in ("shapes_small", "shapes_cond", "classifier", "rgdm", "ddpo")}
-    pretrain_stage("shapes_small.yaml", runs["shapes_small"], args.pretrain_minutes)
-    pretrain_stage("shapes_cond.yaml", runs["shapes_cond"], args.pretrain_minutes)
-    classifier_metrics = classifier_stage(runs["classifier"], args.classifier_minutes)
+    pretrain_stage("shapes_small.yaml", runs["shapes_small"], args.pretrain_minutes, args.device)
+    pretrain_stage("shapes_cond.yaml", runs["shapes_cond"], args.pretrain_minutes, args.device)
+    classifier_metrics = classifier_stage(runs["classifier"], args.classifier_minutes, args.device)
     (out / "classifier.json").write_text(json.dumps(classifier_metrics, indent=2))
     print(f"classifier test accuracy: {classifier_metrics['accuracy']:.3f}")
     training = {method: finetune_stage(method, runs["shapes_small"], runs["classifier"], args.target, runs[method],
-                                       args.finetune_minutes, args.lr) for method in ("rgdm", "ddpo")}
+                                       args.finetune_minutes, args.lr, args.device) for method in ("rgdm", "ddpo")}
 
     classifier = load_classifier(runs["classifier"])
-    base = load_shape_model(runs["shapes_small"])
+    base = load_shape_model(runs["shapes_small"], device=device)
     data_config = base.config.data
     reference = load_shape_split(data_config, "test").of_class(args.target).points
     models = {
         "unconditional (before)": (base.model, None),
-        "RGDM (shape_class)": (load_shape_model(runs["rgdm"]).model, None),
-        "DDPO_IS (shape_class)": (load_shape_model(runs["ddpo"]).model, None),
-        "class-conditional": (load_shape_model(runs["shapes_cond"]).model, [args.target]),
+        "RGDM (shape_class)": (load_shape_model(runs["rgdm"], device=device).model, None),
+        "DDPO_IS (shape_class)": (load_shape_model(runs["ddpo"], device=device).model, None),
+        "class-conditional": (load_shape_model(runs["shapes_cond"], device=device).model, [args.target]),
     }
     rows, samples = [], {}
     for label, (model, classes) in models.items():
         started = time.perf_counter()
         clouds = model.generate(args.samples, classes, num_steps=base.config.diffusion.sampling_steps,
-                                generator=torch.Generator().manual_seed(args.seed))
+                                generator=generator_on(device, args.seed)).cpu()
         sampled = time.perf_counter() - started
         samples[label] = clouds
         generator = torch.Generator().manual_seed(args.seed)

@@ -65,7 +65,7 @@ def test_precision_context(precision):
     assert isinstance(context, torch.autocast) == (precision == "bf16")
 
 
-@pytest.mark.parametrize("script", ["qm9_qed", "compare", "amortisation", "physics", "relaxation"])
+@pytest.mark.parametrize("script", ["qm9_qed", "compare", "amortisation", "physics", "relaxation", "shapes"])
 def test_benchmark_scripts_refuse_cuda_without_a_gpu_before_any_work(script, tmp_path):
     """The scripts that build or sample models take --device; cuda on a machine without a GPU stops
     them with the shared resolver's one-line error before anything is written."""
