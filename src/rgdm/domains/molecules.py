@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rgdm import distributed
 from rgdm.config import FINETUNE_METHODS, FinetuneConfig, RunConfig
 from rgdm.diffusion.molecules import MoleculeDiffusion
 from rgdm.domains import Samples, TrainingData
@@ -123,8 +124,8 @@ class MoleculeDomain:
     # --- samples, metrics and renders ---------------------------------------------------------- #
     @torch.no_grad()
     def sample(self, model: MoleculeDiffusion, n: int, num_steps: int | None = None, seed: int = 0) -> Samples:
-        """Unconditional samples: node counts from the data distribution the model stores."""
-        generator = torch.Generator().manual_seed(seed)
+        """Unconditional samples: node counts from the data distribution the model stores (drawn on its device)."""
+        generator = distributed.generator_on(distributed.module_device(model), seed)
         node_mask = model.mask_from_counts(model.sample_node_counts(n, generator))
         x = model.sample((n, node_mask.shape[1], 3 + model.n_features), node_mask, None, num_steps,
                          generator=generator)
