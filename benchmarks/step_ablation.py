@@ -44,8 +44,11 @@ QED = {"name": "qed", "method": "edm", "backend": "inline"}
 WINDOW = {"variant": "step", "num_candidates": 8, "explore_steps": 2, "explore_t_max": 0.3,
           "lookahead": "continuation", "lookahead_samples": 2, "lookahead_steps": 0, "shift": "random",
           "radius": 0.5, "radius_units": "std", "replay": 4}
+# The step level as it was before the window (Tweedie look-ahead, the whole horizon, no replay).
+SHIPPED = {"variant": "step", "num_candidates": 8, "explore_steps": 4, "lookahead": "tweedie", "explore_t_max": 1.0,
+           "replay": 1, "shift": "random", "radius": 0.5, "radius_units": "std"}
 SETTINGS: dict[str, dict] = {
-    "shipped": {"variant": "step", "num_candidates": 8, "explore_steps": 4},  # compare.py's step level
+    "shipped": SHIPPED,
     "window": WINDOW,
     "window shift=none": {**WINDOW, "shift": "none"},
     "window shift=finite_difference": {**WINDOW, "shift": "finite_difference", "num_probes": 7, "explore_steps": 1},
@@ -57,6 +60,10 @@ SETTINGS: dict[str, dict] = {
     "window t_max=1": {**WINDOW, "explore_t_max": 1.0},
     "window replay=1": {**WINDOW, "replay": 1},
     "window lookahead=tweedie": {**WINDOW, "lookahead": "tweedie", "explore_steps": 4},
+    "window replay=8": {**WINDOW, "replay": 8},
+    "shipped replay=4": {**SHIPPED, "replay": 4},
+    "window t_max=0.5": {**WINDOW, "explore_t_max": 0.5},
+    "window tau=0.25": {**WINDOW, "tau": 0.25},
 }
 BASELINES = ("rgdm_sequence", "rwr", "ddpo_is", "ppo")
 
@@ -69,7 +76,7 @@ def make_objective(name: str, model, task, args: argparse.Namespace, seed: int):
 
     common = {"sampling_steps": args.steps, "lambda_mle": args.lambda_mle, "mle_batch_size": 32}
     if name in SETTINGS:
-        config = RGDMConfig(batch_size=args.batch, tau=args.tau, **common, **SETTINGS[name])
+        config = RGDMConfig(**{"batch_size": args.batch, "tau": args.tau, **common, **SETTINGS[name]})
         return RGDMObjective(model, task, config, seed)
     if name == "rgdm_sequence":
         config = RGDMConfig(variant="sequence", batch_size=args.baseline_batch, tau=args.tau, **common)

@@ -146,7 +146,8 @@ def test_exploration_at_sampling_time_tilts_the_reference_model():
     exact Tweedie look-ahead of this model; K = 16 candidates leave a small bias)."""
     model = standard_gaussian_diffusion(dim=2, timesteps=200)
     a = torch.tensor([1.0, -0.6])
-    config = RGDMConfig(sampling_steps=50, num_candidates=16, tau=TAU, normalize_rewards=False)
+    config = RGDMConfig(sampling_steps=50, num_candidates=16, tau=TAU, normalize_rewards=False, lookahead="tweedie",
+                        explore_t_max=1.0)
     samples, _, calls = explore_sample(model, GaussianTask(2, lambda x: x @ a), config, 2000,
                                        torch.Generator().manual_seed(0))
     target = a / TAU

@@ -136,17 +136,17 @@ class RGDMConfig:
     sampling_steps: int = 100  # reverse steps of a roll-out (the MDP's horizon); 0 = all T steps
     eta: float = 1.0  # stochasticity of the reverse policy (1 = ancestral; must be > 0)
     num_candidates: int = 8  # K candidates per explored state (step variant)
-    explore_steps: int = 4  # explored states per roll-out per iteration (step variant)
-    explore_t_max: float = 1.0  # explore only steps t -> s with t <= explore_t_max * T (fraction of the horizon)
-    replay: int = 1  # step variant: optimizer steps per explored batch (targets are relative to pi_ref, so reusable)
+    explore_steps: int = 2  # explored states per roll-out per iteration (step variant)
+    explore_t_max: float = 0.3  # explore only steps t -> s with t <= explore_t_max * T (1 = the whole horizon)
+    replay: int = 4  # step variant: optimizer steps per explored batch (targets are relative to pi_ref, so reusable)
     shift: str = "random"  # feasible shifts: "none", "random", "best_probe", "finite_difference"
     radius: float = 0.5  # exploration radius rho
     radius_units: str = "std"  # unit of rho: "std" (step std), "noise_norm" (std * sqrt(dof)) or "absolute"
     num_probes: int = 8  # probe directions for best_probe / finite_difference shifts
     fd_jitter: float = 0.5  # finite_difference: random jitter added to the estimated ascent direction
-    lookahead: str = "tweedie"  # V(z_s): "tweedie" (x0 estimate), "rollout" (DDIM to 0), "continuation" (M samples)
-    lookahead_steps: int = 5  # steps of the "rollout" / "continuation" look-ahead; 0 = the roll-outs' own grid
-    lookahead_samples: int = 4  # M continuations per candidate ("continuation" only)
+    lookahead: str = "continuation"  # V(z_s): "tweedie" (x0 estimate), "rollout" (DDIM to 0), "continuation" (M)
+    lookahead_steps: int = 0  # steps of the "rollout" / "continuation" look-ahead; 0 = the roll-outs' own grid
+    lookahead_samples: int = 2  # M continuations per candidate ("continuation" only)
     antithetic: bool = True  # candidates in pairs mu + delta ± std * eps (K even): no first-order 1/K bias
     weight_normalisation: str = "self"  # step variant: "self" (softmax over K) or "jackknife" (1/K bias removed)
     tau: float = 1.0  # temperature of the pay-off distribution exp(r / tau)

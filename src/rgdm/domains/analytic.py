@@ -85,7 +85,7 @@ class AnalyticFinetuneConfig:
     reward: dict[str, Any] = field(default_factory=lambda: {"name": "linear"})
     rgdm: RGDMConfig = field(default_factory=lambda: RGDMConfig(
         batch_size=64, sampling_steps=50, tau=1.0, normalize_rewards=False, num_candidates=16, explore_steps=8,
-        shift="random", lambda_mle=0.0))
+        shift="random", lambda_mle=0.0, lookahead="tweedie", explore_t_max=1.0, replay=1))
     ddpo: DDPOConfig = field(default_factory=lambda: DDPOConfig(batch_size=64, sampling_steps=50))
     rwr: RWRConfig = field(default_factory=RWRConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(

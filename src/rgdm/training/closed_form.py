@@ -55,10 +55,12 @@ def closed_form_settings(variant: str, reward: str) -> tuple[dict[str, Any], flo
     """
     if variant == "sequence":  # the path likelihood: the exact form (the default denoising loss is 3-8 % off)
         return {"batch_size": 64, "sequence_loss": "path"}, 0.03
+    whole_horizon = {"explore_t_max": 1.0, "replay": 1}  # the exact pay-off: every step explored afresh
     if reward == "linear":
-        return {"batch_size": 64, "num_candidates": 16, "explore_steps": 8, "shift": "random"}, 0.05
+        return {"batch_size": 64, "num_candidates": 16, "explore_steps": 8, "shift": "random", "lookahead": "tweedie",
+                **whole_horizon}, 0.05
     return {"batch_size": 128, "num_candidates": 8, "explore_steps": 4, "shift": "random", "lookahead": "continuation",
-            "lookahead_steps": 0, "lookahead_samples": 2, "weight_normalisation": "jackknife"}, 0.05
+            "lookahead_steps": 0, "lookahead_samples": 2, "weight_normalisation": "jackknife", **whole_horizon}, 0.05
 
 
 @dataclass

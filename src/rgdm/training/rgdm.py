@@ -565,14 +565,22 @@ class RGDMObjective:
         return total / len(picks)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"normalizer": self.normalizer.state_dict(), "reward_calls": self.reward_calls,
-                "task": self.task.state_dict(), "reference": self.reference.state_dict()}
+        state = {"normalizer": self.normalizer.state_dict(), "reward_calls": self.reward_calls,
+                 "task": self.task.state_dict(), "reference": self.reference.state_dict()}
+        if self._replay_cache is not None:
+            state["replay_cache"] = _replay_to_state(self._replay_cache)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.normalizer.load_state_dict(state["normalizer"])
         self.reward_calls = int(state["reward_calls"])
         self.task.load_state_dict(state["task"])
         self.reference.load_state_dict(state["reference"])
+        # A run resumed mid-way through a replayed batch goes on with it (bit-for-bit). Only rank 0's
+        # rows are checkpointed, so a data-parallel run explores afresh on every rank instead.
+        cached = state.get("replay_cache")
+        self._replay_cache = (_replay_from_state(cached) if cached is not None and distributed.world_size() == 1
+                              else None)
 
 
 @torch.no_grad()
@@ -607,6 +615,29 @@ def explore_sample(model: GaussianDiffusion, task: Task, config: RGDMConfig, n: 
                                         cond.context),
                        cond.node_mask)
     return x0, cond, sampler._local_calls
+
+
+_EXPLORATION_FIELDS = ("candidates", "perturbations", "log_proposal_ratio", "values", "valid", "reward_calls",
+                       "reference_mean")
+
+
+def _replay_to_state(cached: tuple) -> dict[str, Any]:
+    """A replayed exploration as plain tensors and numbers (checkpoints load with weights_only)."""
+    step, shard, items, metrics = cached
+    g = shard.global_conditions
+    return {"step": step, "start": shard.start, "stop": shard.stop, "shape": list(g.shape),
+            "node_mask": g.node_mask, "context": g.context, "targets": g.targets, "metrics": dict(metrics),
+            "items": [{"z_t": z_t, "t": t_int, "s": s_int, "weights": weights,
+                       **{name: getattr(exp, name) for name in _EXPLORATION_FIELDS}}
+                      for z_t, t_int, s_int, exp, weights in items]}
+
+
+def _replay_from_state(state: dict[str, Any]) -> tuple:
+    conditions = Conditions(tuple(state["shape"]), state["node_mask"], state["context"], state["targets"])
+    shard = BatchShard(conditions, state["start"], state["stop"])
+    items = [(item["z_t"], item["t"], item["s"], Exploration(**{name: item[name] for name in _EXPLORATION_FIELDS}),
+              item["weights"]) for item in state["items"]]
+    return state["step"], shard, items, state["metrics"]
 
 
 def reward_metrics(final: Scores) -> dict[str, float]:

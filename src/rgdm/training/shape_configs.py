@@ -106,7 +106,7 @@ class ShapeFinetuneConfig:
     # a short budget (a lower effective temperature than the exact pay-off of tau = 1).
     rgdm: RGDMConfig = field(default_factory=lambda: RGDMConfig(
         batch_size=8, sampling_steps=50, num_candidates=8, explore_steps=2, adapt_tau=True, target_ess=0.5,
-        lambda_mle=0.0, mle_batch_size=16))
+        lambda_mle=0.0, mle_batch_size=16, lookahead="tweedie", explore_t_max=1.0, replay=1))
     ddpo: DDPOConfig = field(default_factory=lambda: DDPOConfig(batch_size=16, sampling_steps=50,
                                                                 timestep_fraction=0.25))
     mle_batch_size: int = 16  # data batch of the lambda_mle regulariser (RGDM and DDPO)
