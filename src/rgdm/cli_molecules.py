@@ -38,12 +38,10 @@ def pretrain_command(request: PretrainRequest) -> None:
     cfg = load_config(request.config, overrides=overrides)
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
-        try:
+        with distributed.leaving_process_group():
             trainer = run_pretrain(cfg, run_dir, resume=resume, device=request.device,
                                    compile_model=request.compile_)
             main = distributed.is_main()
-        finally:
-            distributed.shutdown()
         if not main:
             return
         typer.echo(f"checkpoints in {run_dir / 'checkpoints'}")
@@ -196,12 +194,10 @@ def run_finetune(cfg, resume: bool, compare: int, explicit_name: bool, device: s
 
     with claimed_run(cfg.name, explicit=explicit_name, resume=resume) as run_dir:
         command = cli_runs.resume_command.removesuffix(" --resume") if cli_runs.resume_command else ""
-        try:
+        with distributed.leaving_process_group():
             summaries = finetune_and_report(cfg, run_dir, resume=resume, compare=compare, command=command,
                                             device=device)
             main = distributed.is_main()
-        finally:
-            distributed.shutdown()
         if not main:  # under torchrun, rank 0 reports
             return
         typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")

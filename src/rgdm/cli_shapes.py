@@ -163,13 +163,12 @@ def run_finetune(base: str, method: str = "rgdm", reward: str | None = None, cla
         check_target_class(cfg.target_class, classes, "target_class")
     cfg.name = run_name(cfg.name, explicit=name is not None, resume=resume)
     with claimed_run(cfg.name, explicit=name is not None, resume=resume) as run_dir:
-        try:
-            finetune(cfg, run_dir, resume=resume, device=device)  # the shared code path
-        except ValueError as err:  # e.g. a class the classifier does not know: one line, not a traceback
-            raise ConfigError(str(err)) from None
-        finally:
+        with distributed.leaving_process_group():
+            try:
+                finetune(cfg, run_dir, resume=resume, device=device)  # the shared code path
+            except ValueError as err:  # e.g. a class the classifier does not know: one line, not a traceback
+                raise ConfigError(str(err)) from None
             main = distributed.is_main()
-            distributed.shutdown()
         if not main:  # under torchrun, rank 0 reports
             return run_dir
         typer.echo(f"fine-tuned model in {run_dir / 'checkpoints'}")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,9 +46,26 @@ def init_from_env(device: torch.device | None = None) -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = True) -> None:
+    """Leave the process group. On a clean exit every rank first waits for the others: a rank that
+    tears gloo down while a peer still talks to it can abort with "terminate called without an
+    active exception". After an error there is no waiting (the peers may never arrive)."""
     if is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def leaving_process_group() -> Iterator[None]:
+    """Run the body, then leave the process group: in step with the other ranks after a clean run,
+    at once after an error."""
+    try:
+        yield
+    except BaseException:
+        shutdown(synchronize=False)
+        raise
+    shutdown()
 
 
 def is_initialized() -> bool:
