@@ -85,6 +85,12 @@ def _pair_linear(layer: nn.Linear, h: Tensor, edges: EdgeIndex, edge_attr: Tenso
                                        per_sample_weights=edges.bag_weights(edge_attr))
 
 
+def _silu(values: Tensor) -> Tensor:
+    """SiLU of a per-edge tensor; in place when no gradient is recorded (sampling), which saves
+    writing a fresh [E, F] tensor, since the backward would need the input."""
+    return nn.functional.silu(values, inplace=not torch.is_grad_enabled())
+
+
 class GraphConvolution(nn.Module):
     """Invariant message passing: m_ij = MLP(h_i, h_j, d_ij) * gate_ij; h_i += MLP(h_i, sum_j m_ij)."""
 
@@ -97,10 +103,9 @@ class GraphConvolution(nn.Module):
             nn.Linear(2 * hidden_nf, hidden_nf), nn.SiLU(), nn.Linear(hidden_nf, hidden_nf)
         )
         self.gate = nn.Sequential(nn.Linear(hidden_nf, 1), nn.Sigmoid()) if attention else None
-        self.act = nn.SiLU()
 
     def forward(self, h: Tensor, edges: EdgeIndex, edge_attr: Tensor, node_mask: Tensor) -> Tensor:
-        m = self.act(self.edge_out(self.act(_pair_linear(self.edge_in, h, edges, edge_attr))))
+        m = _silu(self.edge_out(_silu(_pair_linear(self.edge_in, h, edges, edge_attr))))
         if self.gate is not None:
             m = m * self.gate(m)
         agg = edges.aggregate(m, self.normalization_factor)
@@ -120,11 +125,10 @@ class CoordinateUpdate(nn.Module):
         self.hidden = nn.Linear(hidden_nf, hidden_nf)
         self.out = nn.Linear(hidden_nf, 1, bias=False)
         nn.init.xavier_uniform_(self.out.weight, gain=0.001)  # start close to the identity map
-        self.act = nn.SiLU()
 
     def forward(self, h: Tensor, x: Tensor, edges: EdgeIndex, edge_attr: Tensor, direction: Tensor,
                 node_mask: Tensor) -> Tensor:
-        phi = self.out(self.act(self.hidden(self.act(_pair_linear(self.edge_in, h, edges, edge_attr)))))
+        phi = self.out(_silu(self.hidden(_silu(_pair_linear(self.edge_in, h, edges, edge_attr)))))
         if self.tanh:
             phi = torch.tanh(phi) * self.coords_range
         shift = edges.aggregate(direction * phi, self.normalization_factor)
