@@ -155,3 +155,25 @@ def test_a_shape_model_needs_one_of_its_classes_as_target(workdir, monkeypatch, 
     assert main(["finetune", "--from", "runs/clf", "--target", "blob"]) == 2  # a classifier is no base model
     assert "runs/clf: not a shape diffusion model" in one_error_line(capsys)
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == before  # nothing was started
+
+
+def test_a_checkpoint_of_the_earlier_additive_denoiser_is_refused_in_one_line(workdir, monkeypatch, capsys, tmp_path):
+    import torch
+
+    from rgdm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.chdir(workdir)
+    state = load_checkpoint(next((workdir / "runs" / "tiny-shapes" / "checkpoints").glob("step_*.pt")))
+    # The earlier denoiser's config had no edge_width, and its blocks mixed a concatenated global feature.
+    del state["config"]["model"]["edge_width"]
+    state["config"]["model"]["knn"] = 0
+    state["model"] = state["ema"] = {"blocks.0.mix.weight": torch.zeros(16, 48), "head.2.weight": torch.zeros(3, 16)}
+    old = save_checkpoint({k: v for k, v in state.items() if k not in ("format_version", "rgdm_version")},
+                          tmp_path / "old.pt")
+    assert main(["evaluate", str(old), "--target", "blob", "--classifier", "runs/clf"]) == 2
+    line = one_error_line(capsys)
+    assert "trained with the earlier PointNet denoiser" in line and "rgdm pretrain --config" in line
+    assert main(["finetune", "--from", str(old), "--target", "blob", "--classifier", "runs/clf",
+                 "--name", "from-old"]) == 2
+    assert "trained with the earlier PointNet denoiser" in one_error_line(capsys)
+    assert not (workdir / "runs" / "from-old").exists()

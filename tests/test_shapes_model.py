@@ -25,13 +25,24 @@ def tiny_model(conditional: bool = False, num_points: int = 32, knn: int = 0) ->
     torch.manual_seed(0)
     classes = ("a", "b", "c")
     denoiser = PointNetDenoiser(width=16, n_blocks=2, time_dim=8, num_classes=len(classes) if conditional else 0,
-                                knn=knn)
-    # The head starts at zero; give it weights so the equivariance test sees a non-trivial output.
-    torch.nn.init.normal_(denoiser.head[-1].weight, std=0.5)
+                                knn=knn, edge_width=8)
+    # The head, the skip and the blocks' FiLM gates start at zero (every block the identity); give
+    # every zero weight a value so the symmetry tests see all paths of the network.
+    with torch.no_grad():
+        for parameter in denoiser.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.3)
     return PointCloudDiffusion(denoiser, NoiseSchedule(20, "cosine"), num_points, classes, conditional=conditional)
 
 
-@pytest.mark.parametrize(("conditional", "knn"), [(False, 0), (True, 0), (False, 4)])
+def test_fresh_denoiser_predicts_zero_noise_and_validates_its_sizes():
+    denoiser = PointNetDenoiser(width=16, n_blocks=2, time_dim=8, knn=4, edge_width=8)
+    assert denoiser(torch.randn(2, 32, 3), torch.tensor([0.2, 0.7])).abs().max() == 0.0
+    with pytest.raises(ValueError, match="knn must be >= 0"):
+        PointNetDenoiser(knn=-1)
+
+
+@pytest.mark.parametrize(("conditional", "knn"), [(False, 0), (True, 0), (False, 4), (True, 4)])
 def test_denoiser_is_permutation_equivariant(conditional, knn):
     model = tiny_model(conditional, knn=knn)
     z = torch.randn(3, 32, 3)
@@ -44,12 +55,14 @@ def test_denoiser_is_permutation_equivariant(conditional, knn):
     torch.testing.assert_close(eps_of_permuted, eps[:, permutation], atol=1e-5, rtol=1e-5)
 
 
-def test_class_context_changes_the_prediction_and_is_required():
-    model = tiny_model(conditional=True)
+def test_class_context_and_time_change_the_prediction_and_context_is_required():
+    model = tiny_model(conditional=True, knn=4)
     z, t = torch.randn(2, 32, 3), torch.tensor([0.3, 0.3])
     a = model.denoiser(z, t, None, model.context_for(["a", "a"]))
     b = model.denoiser(z, t, None, model.context_for(["b", "b"]))
     assert (a - b).abs().max() > 1e-4
+    later = model.denoiser(z, torch.tensor([0.8, 0.8]), None, model.context_for(["a", "a"]))
+    assert (a - later).abs().max() > 1e-4
     with pytest.raises(ValueError, match="class-conditional"):
         model.denoiser(z, t, None, None)
     with pytest.raises(ValueError, match="unknown class 'zebra'"):
@@ -203,3 +216,21 @@ def test_cli_routes_shape_configs_and_reports_bad_keys_in_one_line(tmp_path, mon
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "bad.yaml:4: model.widht: unknown key" in error
     assert not (tmp_path / "runs").exists()
+
+
+def test_base_model_quality_stratifies_by_class_and_reports_per_class_accuracy(tiny_classifier):
+    from rgdm.eval.shapes import base_model_quality
+
+    run_dir, _ = tiny_classifier
+    classifier = load_classifier(run_dir)
+    test = load_shapes("test", n_points=64, classes=TWO_CLASSES)
+    torch.manual_seed(0)
+    denoiser = PointNetDenoiser(width=8, n_blocks=1, time_dim=4, num_classes=2, knn=4, edge_width=4)
+    model = PointCloudDiffusion(denoiser, NoiseSchedule(10, "cosine"), 64, tuple(TWO_CLASSES), conditional=True)
+    metrics, clouds = base_model_quality(model, test, classifier, cd_points=32, num_steps=2)
+    assert clouds.shape == (len(test), 64, 3)
+    assert metrics["n_generated"] == metrics["n_reference"] == len(test)
+    assert set(metrics) >= {"accuracy/ring_knot", "accuracy/blob", "accuracy", "1-NNA-CD", "COV-CD"}
+    assert metrics["accuracy"] == pytest.approx((metrics["accuracy/ring_knot"] + metrics["accuracy/blob"]) / 2)
+    assert sum(metrics[f"class_fraction/{name}"] for name in TWO_CLASSES) == pytest.approx(1.0)
+    assert 0.5 <= metrics["1-NNA-CD"] <= 1.0  # an untrained model's samples are far from the data

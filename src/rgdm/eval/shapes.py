@@ -8,6 +8,9 @@ the target class:
 * ``MMD-CD``, ``COV-CD``, ``1-NNA-CD`` (and ``-EMD`` on ``emd_points`` points per cloud) from
   :func:`rgdm.eval.pointclouds.evaluate_point_clouds` (both sets bounding-box normalised).
 
+``base_model_quality`` measures a pre-trained model against the test clouds of every class
+(1-NNA over all classes; per-class accuracy of a class-conditional model).
+
 ``render_point_clouds`` draws rows of clouds (one row per model) as matplotlib 3D scatter plots.
 """
 
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 from rgdm import distributed
-from rgdm.data.shapes import subsample_points
+from rgdm.data.shapes import PointCloudDataset, subsample_points
 from rgdm.eval.pointclouds import evaluate_point_clouds
 from rgdm.models.pointnet import PointNetClassifier
 
@@ -49,6 +52,51 @@ def evaluate_shape_samples(clouds: Tensor, reference: Tensor, classifier: PointN
         small_reference = subsample_points(reference, min(emd_points, reference.shape[1]), generator)
         metrics.update(evaluate_point_clouds(small_clouds, small_reference, metrics=("emd",)))
     return metrics
+
+
+@torch.no_grad()
+def base_model_quality(model, test: PointCloudDataset, classifier: PointNetClassifier, cd_points: int = 256,
+                       seed: int = 0, num_steps: int | None = None) -> tuple[dict[str, float], Tensor]:
+    """How much a pre-trained shape model's samples look like the test clouds of *all* classes.
+
+    An unconditional model draws as many clouds as ``test`` holds; a class-conditional one draws,
+    for every class, as many clouds as ``test`` holds of that class (the same class strata). Returns
+    the metrics and the samples [len(test), P, 3]:
+
+    * ``MMD-CD``, ``COV-CD``, ``1-NNA-CD`` against all test clouds (``cd_points`` points per cloud,
+      bounding-box normalised), ``n_generated`` and ``n_reference`` (the set sizes);
+    * ``class_fraction/<name>``: share of the samples the classifier assigns to each class;
+    * conditional models only: ``accuracy/<name>``, the share of the clouds asked for a class that
+      the classifier assigns to it, and ``accuracy``, their mean over classes.
+    """
+    device = distributed.module_device(model)
+    generator = distributed.generator_on(device, seed)
+    counts = test.class_counts()
+    if model.conditional:
+        missing = [name for name in test.class_names if name not in model.class_names]
+        if missing:
+            raise ValueError(f"the model was not trained on the test classes {missing}")
+        per_class = {name: model.generate(counts[name], [name], num_steps=num_steps, generator=generator).cpu()
+                     for name in test.class_names if counts[name]}
+        clouds = torch.cat(list(per_class.values()))
+    else:
+        clouds = model.generate(len(test), None, num_steps=num_steps, generator=generator).cpu()
+    predicted = class_log_probs(classifier, clouds).argmax(dim=1)
+    metrics: dict[str, float] = {"n_generated": float(len(clouds)), "n_reference": float(len(test))}
+    for name in test.class_names:
+        metrics[f"class_fraction/{name}"] = (predicted == classifier.class_index(name)).float().mean().item()
+    if model.conditional:
+        start = 0
+        for name, chunk in per_class.items():
+            hits = predicted[start:start + len(chunk)] == classifier.class_index(name)
+            metrics[f"accuracy/{name}"] = hits.float().mean().item()
+            start += len(chunk)
+        metrics["accuracy"] = sum(metrics[f"accuracy/{name}"] for name in per_class) / len(per_class)
+    sampler = torch.Generator().manual_seed(seed)
+    points = min(cd_points, clouds.shape[1], test.points.shape[1])
+    metrics.update(evaluate_point_clouds(subsample_points(clouds, points, sampler),
+                                         subsample_points(test.points, points, sampler), metrics=("cd",)))
+    return metrics, clouds
 
 
 def render_point_clouds(rows: Mapping[str, Tensor], out: str | Path, columns: int = 6, point_size: float = 1.0,

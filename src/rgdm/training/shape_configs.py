@@ -41,13 +41,14 @@ class ShapeDataConfig:
 
 @dataclass
 class PointNetConfig:
-    width: int = 64  # per-point feature width
-    n_blocks: int = 3  # residual PointNet blocks with a pooled global feature
-    time_dim: int = 32  # sinusoidal time embedding
-    knn: int = 0  # neighbours of the local-geometry input feature (0 = pure PointNet)
+    width: int = 128  # per-point feature width
+    n_blocks: int = 4  # residual FiLM blocks with a pooled global (and a k-NN) feature
+    time_dim: int = 64  # sinusoidal time embedding
+    knn: int = 12  # neighbours of the local features at the input and in every block (0 = pure PointNet)
+    edge_width: int = 32  # channels of the per-block neighbourhood feature (only with knn > 0)
 
     def validate(self) -> None:
-        for key in ("width", "n_blocks", "time_dim"):
+        for key in ("width", "n_blocks", "time_dim", "edge_width"):
             _check_range(f"model.{key}", getattr(self, key), low=1)
         _check_range("model.knn", self.knn, low=0)
         if self.time_dim % 2:

@@ -53,7 +53,7 @@ def load_shape_split(data: ShapeDataConfig, split: str, seed: int = 0) -> PointC
 def build_shape_model(config: ShapeRunConfig, class_names: tuple[str, ...]) -> PointCloudDiffusion:
     m, d = config.model, config.diffusion
     num_classes = len(class_names) if config.data.conditional else 0
-    denoiser = PointNetDenoiser(m.width, m.n_blocks, m.time_dim, num_classes, m.knn)
+    denoiser = PointNetDenoiser(m.width, m.n_blocks, m.time_dim, num_classes, m.knn, m.edge_width)
     return PointCloudDiffusion(denoiser, NoiseSchedule(d.timesteps, d.schedule, d.precision),
                                config.data.n_points, class_names, conditional=config.data.conditional)
 
@@ -74,10 +74,20 @@ def load_shape_model(source: str | Path, use_ema: bool = True, device: str | tor
     state = load_checkpoint(path)
     if state.get("kind") != "shape_diffusion":
         raise CheckpointError(f"{path}: not a shape diffusion checkpoint (train one with a 'domain: shapes' config)")
-    config = from_dict(ShapeRunConfig, state["base_config"] if "base_config" in state else state["config"])
+    stored = state["base_config"] if "base_config" in state else state["config"]
+    if "edge_width" not in stored.get("model", {}):
+        # The config key arrived with the FiLM denoiser: without it the weights are of the additive one.
+        raise CheckpointError(f"{path}: trained with the earlier PointNet denoiser (additive time embedding, "
+                              "no model.edge_width), which this version no longer builds; retrain it with "
+                              "'rgdm pretrain --config configs/shapes_small.yaml' (or shapes_cond.yaml)")
+    config = from_dict(ShapeRunConfig, stored)
     model = build_shape_model(config.validate(), tuple(state["class_names"]))
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit the model its config builds "
+                              f"({str(err).splitlines()[0]})") from None
     return LoadedShapeModel(model.to(device).eval(), config, path, int(state["step"]))
 
 
