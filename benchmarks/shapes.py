@@ -225,7 +225,7 @@ def base_markdown(results: dict, class_names: tuple[str, ...], command: str) -> 
     lines = [f"Against all {int(first['n_reference'])} test clouds ({', '.join(class_names)}); "
              f"{int(first['n_generated'])} samples per model; CD on the evaluated points.", "",
              "| model | steps | 1-NNA-CD | COV-CD | MMD-CD | cond. accuracy | "
-             + " | ".join(class_names) + " |", "|" + "---|" * (5 + len(class_names))]
+             + " | ".join(class_names) + " |", "|" + "---|" * (6 + len(class_names))]
     for label, m in results.items():
         accuracy = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
         per_class = [f"{m[f'accuracy/{name}']:.3f}" if f"accuracy/{name}" in m
