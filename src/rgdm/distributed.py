@@ -14,6 +14,7 @@ gradient of the single-process loss. Only rank 0 writes checkpoints and logs.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ def shutdown(synchronize: bool = True) -> None:
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()  # a group kept alive by a reference cycle would otherwise be torn down at exit
 
 
 @contextmanager
