@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ import torch
 
 from rgdm.eval.molecules import evaluate_molecules
 from rgdm.runs import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rewards import throughput  # noqa: E402 - benchmarks/ is not a package
 
 
 def sampling_rate(model, batch_size: int, num_steps: int, seed: int) -> dict[str, float]:
@@ -37,20 +41,10 @@ def sampling_rate(model, batch_size: int, num_steps: int, seed: int) -> dict[str
 
 
 def xtb_rate(batch, warm_up, workers: int) -> dict[str, float]:
-    """xTB gap rewards per second on ``batch`` with ``workers`` worker processes."""
-    from rgdm.rewards import make_reward
-
-    reward = make_reward({"name": "xtb_gap", "cache": False, "timeout": 120, "relax": "none",
-                          "add_hydrogens": True, "backend": "process", "workers": workers})
-    try:
-        reward(warm_up)
-        start = time.perf_counter()
-        result = reward(batch)
-        seconds = time.perf_counter() - start
-    finally:
-        reward.close()
-    return {"workers": workers, "molecules": len(batch), "seconds": seconds,
-            "molecules_per_s": len(batch) / seconds, "scored": float(result.valid.float().mean())}
+    """xTB gap rewards per second on ``batch`` with ``workers`` worker processes (``rewards.throughput``)."""
+    rate, scored = throughput({"backend": "process", "workers": workers, "add_hydrogens": True}, batch, warm_up)
+    return {"workers": workers, "molecules": len(batch), "seconds": len(batch) / rate,
+            "molecules_per_s": rate, "scored": scored}
 
 
 def main(argv: list[str] | None = None) -> dict:
