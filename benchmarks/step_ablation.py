@@ -65,6 +65,14 @@ SETTINGS: dict[str, dict] = {
     "window t_max=0.5": {**WINDOW, "explore_t_max": 0.5},
     "window tau=0.25": {**WINDOW, "tau": 0.25},
 }
+# Sequence-level RGDM at the baselines' batch, with its weighted batches replayed for more optimizer
+# steps per reward call (exact: the weights compare the pay-off with the policy that sampled them).
+SEQUENCE_SETTINGS: dict[str, dict] = {
+    "sequence": {"sequence_replay": 1},
+    "sequence replay=4": {"sequence_replay": 4},
+    "sequence replay=8": {"sequence_replay": 8},
+    "sequence replay=16": {"sequence_replay": 16},
+}
 BASELINES = ("rgdm_sequence", "rwr", "ddpo_is", "ppo")
 
 
@@ -77,6 +85,10 @@ def make_objective(name: str, model, task, args: argparse.Namespace, seed: int):
     common = {"sampling_steps": args.steps, "lambda_mle": args.lambda_mle, "mle_batch_size": 32}
     if name in SETTINGS:
         config = RGDMConfig(**{"batch_size": args.batch, "tau": args.tau, **common, **SETTINGS[name]})
+        return RGDMObjective(model, task, config, seed)
+    if name in SEQUENCE_SETTINGS:
+        config = RGDMConfig(variant="sequence", batch_size=args.baseline_batch, tau=args.tau, **common,
+                            **SEQUENCE_SETTINGS[name])
         return RGDMObjective(model, task, config, seed)
     if name == "rgdm_sequence":
         config = RGDMConfig(variant="sequence", batch_size=args.baseline_batch, tau=args.tau, **common)
@@ -145,9 +157,8 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def _replaying(objective, step: int) -> bool:
-    """Whether the next step would still reuse the last explored batch (no new reward calls)."""
-    cache = getattr(objective, "_replay_cache", None)
-    return cache is not None and step - cache[0] < objective.config.replay
+    """Whether the next step would still reuse the last batch of reward calls (no new reward calls)."""
+    return hasattr(objective, "replaying") and objective.replaying(step)
 
 
 class _quiet_dir:
@@ -209,7 +220,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and evaluation samples")
     parser.add_argument("--budget", type=int, default=792, help="reward calls per step-level run")
     parser.add_argument("--baseline-factor", type=int, default=3, help="baselines get this many times the budget")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated setting names")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated setting names "
+                        "(step level: SETTINGS; sequence level: SEQUENCE_SETTINGS)")
     parser.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated, or empty")
     parser.add_argument("--batch", type=int, default=4, help="roll-outs per step-level exploration")
     parser.add_argument("--baseline-batch", type=int, default=16, help="roll-outs per baseline iteration")

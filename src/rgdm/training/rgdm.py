@@ -147,6 +147,17 @@ class Exploration:
     reference_mean: Tensor | None = None  # [B, ...] mu_ref of the explored step (None: the weighted mean alone)
 
 
+@dataclass
+class WeightedSamples:
+    """A weighted batch of roll-outs of the sequence variant, kept for ``sequence_replay`` steps."""
+
+    step: int  # the optimizer step that sampled and scored it
+    shard: BatchShard
+    x0: Tensor  # this rank's final samples, snapped to the data's lattice
+    weights: Tensor  # this rank's slice of the weights, normalised over the global batch
+    metrics: dict[str, float]
+
+
 class RGDMObjective:
     """Step-level or sequence-level RGDM on a trainable policy, relative to a frozen copy of it.
 
@@ -166,6 +177,7 @@ class RGDMObjective:
         self.reward_calls = 0  # over all ranks
         self._local_calls = 0  # this rank's calls during the current step
         self._replay_cache: tuple | None = None  # (step, shard, explored items, metrics) while replayed
+        self._sequence_cache: WeightedSamples | None = None  # the weighted roll-outs while replayed
         self.seed = seed
 
     def _grid(self, model: GaussianDiffusion) -> list[int]:
@@ -368,7 +380,7 @@ class RGDMObjective:
         shard = BatchShard.of(self.task.conditions(self.config.batch_size, generator))
         self._local_calls = 0
         if self.config.variant == "sequence":
-            loss, metrics = self._sequence_loss(model, shard, generator)
+            loss, metrics = self._sequence_loss(model, shard, generator, step)
         else:
             loss, metrics = self._step_loss(model, shard, generator, step)
         data_loss = self.task.data_loss(model, step) if self.config.lambda_mle > 0 else None
@@ -422,7 +434,7 @@ class RGDMObjective:
         optimizer steps per batch of reward calls (only the policy's own step mean is recomputed).
         """
         cached = self._replay_cache
-        if cached is None or step - cached[0] >= self.config.replay or step < cached[0]:
+        if not self.replaying(step):
             cached = (step, *self._explore_batch(model, shard, generator))
             self._replay_cache = cached if self.config.replay > 1 else None
         _, shard, items, metrics = cached
@@ -499,10 +511,44 @@ class RGDMObjective:
         error = model.sq_norm(mean - target.detach(), cond.node_mask)
         return 0.5 * error / scale**2 / model.dof(mean, cond.node_mask)
 
-    def _sequence_loss(self, model: GaussianDiffusion, shard: BatchShard,
-                       generator) -> tuple[Tensor, dict[str, float]]:
+    def replaying(self, step: int) -> bool:
+        """Whether optimizer step ``step`` reuses the last batch of reward calls (and so spends none)."""
+        if self.config.variant == "sequence":
+            cache, replay = self._sequence_cache, self.config.sequence_replay
+            first = None if cache is None else cache.step
+        else:
+            cache, replay = self._replay_cache, self.config.replay
+            first = None if cache is None else cache[0]
+        return first is not None and 0 <= step - first < replay
+
+    def _sequence_loss(self, model: GaussianDiffusion, shard: BatchShard, generator,
+                       step: int = 0) -> tuple[Tensor, dict[str, float]]:
         """Whole samples of the current model weighted by exp(r / tau) · pi_ref(traj) / pi_theta(traj),
-        self-normalised over the global batch and truncated relative to it (``truncate_weights``)."""
+        self-normalised over the global batch and truncated relative to it (``truncate_weights``).
+
+        With the denoising loss the weighted samples are a fixed estimate of the pay-off distribution:
+        their weights compare the pay-off with the policy *that sampled them*, so they stay valid while
+        the policy moves, and ``sequence_replay`` > 1 takes that many optimizer steps per batch of
+        reward calls (fresh noise levels each time).
+        """
+        cfg = self.config
+        if cfg.sequence_loss == "path":
+            traj, weights, metrics = self._weighted_rollouts(model, shard, generator)
+            return self._path_loss(model, traj, weights, shard.global_size, generator), metrics
+        cached = self._sequence_cache
+        if not self.replaying(step):
+            traj, weights, metrics = self._weighted_rollouts(model, shard, generator)
+            x0 = model.snap_to_data(traj.x0, shard.conditions.node_mask)
+            cached = WeightedSamples(step, shard, x0, weights, metrics)
+            self._sequence_cache = cached if cfg.sequence_replay > 1 else None
+        loss = weighted_denoising_loss(model, cached.x0, cached.shard, cached.weights, cfg.denoising_repeats,
+                                       generator)
+        return loss, dict(cached.metrics)
+
+    @torch.no_grad()
+    def _weighted_rollouts(self, model: GaussianDiffusion, shard: BatchShard,
+                           generator) -> tuple[Trajectories, Tensor, dict[str, float]]:
+        """Roll out the current model and weight its samples: (trajectories, this rank's weights, metrics)."""
         cfg, cond = self.config, shard.conditions
         traj = collect_trajectories(model, shard, self._grid(model), cfg.eta, generator, self.reference)
         final = self.task.score(traj.x0, cond).gathered(shard)
@@ -515,17 +561,11 @@ class RGDMObjective:
         ess = effective_sample_size(torch.log(all_weights.clamp(min=1e-30))).item()
         if cfg.truncate_weights:
             all_weights = truncate_weights(all_weights)
-        weights = shard.local(all_weights)
-        if cfg.sequence_loss == "path":
-            loss = self._path_loss(model, traj, weights, shard.global_size, generator)
-        else:
-            x0 = model.snap_to_data(traj.x0, cond.node_mask)
-            loss = weighted_denoising_loss(model, x0, shard, weights, cfg.denoising_repeats, generator)
         metrics = reward_metrics(final)
         metrics.update({"ess": ess, "ess_fraction": ess / shard.global_size, "tau": tau.mean().item(),
                         "weight_entropy": -(all_weights * torch.log(all_weights.clamp(min=1e-30))).sum().item(),
                         "log_ratio_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0})
-        return loss, metrics
+        return traj, shard.local(all_weights), metrics
 
     def _path_loss(self, model: GaussianDiffusion, traj: Trajectories, weights: Tensor, global_size: int,
                    generator) -> Tensor:
@@ -569,6 +609,10 @@ class RGDMObjective:
                  "task": self.task.state_dict(), "reference": self.reference.state_dict()}
         if self._replay_cache is not None:
             state["replay_cache"] = _replay_to_state(self._replay_cache)
+        if self._sequence_cache is not None:
+            cached = self._sequence_cache
+            state["sequence_cache"] = {"step": cached.step, **_shard_to_state(cached.shard), "x0": cached.x0,
+                                       "weights": cached.weights, "metrics": dict(cached.metrics)}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -578,9 +622,13 @@ class RGDMObjective:
         self.reference.load_state_dict(state["reference"])
         # A run resumed mid-way through a replayed batch goes on with it (bit-for-bit). Only rank 0's
         # rows are checkpointed, so a data-parallel run explores afresh on every rank instead.
+        single = distributed.world_size() == 1
         cached = state.get("replay_cache")
-        self._replay_cache = (_replay_from_state(cached) if cached is not None and distributed.world_size() == 1
-                              else None)
+        self._replay_cache = _replay_from_state(cached) if cached is not None and single else None
+        cached = state.get("sequence_cache")
+        self._sequence_cache = (WeightedSamples(cached["step"], _shard_from_state(cached), cached["x0"],
+                                                cached["weights"], cached["metrics"])
+                                if cached is not None and single else None)
 
 
 @torch.no_grad()
@@ -621,20 +669,29 @@ _EXPLORATION_FIELDS = ("candidates", "perturbations", "log_proposal_ratio", "val
                        "reference_mean")
 
 
-def _replay_to_state(cached: tuple) -> dict[str, Any]:
-    """A replayed exploration as plain tensors and numbers (checkpoints load with weights_only)."""
-    step, shard, items, metrics = cached
+def _shard_to_state(shard: BatchShard) -> dict[str, Any]:
+    """A batch shard as plain tensors and numbers (checkpoints load with weights_only)."""
     g = shard.global_conditions
-    return {"step": step, "start": shard.start, "stop": shard.stop, "shape": list(g.shape),
-            "node_mask": g.node_mask, "context": g.context, "targets": g.targets, "metrics": dict(metrics),
+    return {"start": shard.start, "stop": shard.stop, "shape": list(g.shape), "node_mask": g.node_mask,
+            "context": g.context, "targets": g.targets}
+
+
+def _shard_from_state(state: dict[str, Any]) -> BatchShard:
+    conditions = Conditions(tuple(state["shape"]), state["node_mask"], state["context"], state["targets"])
+    return BatchShard(conditions, state["start"], state["stop"])
+
+
+def _replay_to_state(cached: tuple) -> dict[str, Any]:
+    """A replayed exploration as plain tensors and numbers."""
+    step, shard, items, metrics = cached
+    return {"step": step, **_shard_to_state(shard), "metrics": dict(metrics),
             "items": [{"z_t": z_t, "t": t_int, "s": s_int, "weights": weights,
                        **{name: getattr(exp, name) for name in _EXPLORATION_FIELDS}}
                       for z_t, t_int, s_int, exp, weights in items]}
 
 
 def _replay_from_state(state: dict[str, Any]) -> tuple:
-    conditions = Conditions(tuple(state["shape"]), state["node_mask"], state["context"], state["targets"])
-    shard = BatchShard(conditions, state["start"], state["stop"])
+    shard = _shard_from_state(state)
     items = [(item["z_t"], item["t"], item["s"], Exploration(**{name: item[name] for name in _EXPLORATION_FIELDS}),
               item["weights"]) for item in state["items"]]
     return state["step"], shard, items, state["metrics"]
