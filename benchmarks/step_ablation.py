@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,15 @@ SETTINGS: dict[str, dict] = {
 # steps per reward call (exact: the weights compare the pay-off with the policy that sampled them).
 SEQUENCE_SETTINGS: dict[str, dict] = {
     "sequence": {"sequence_replay": 1},
+    "sequence replay=2": {"sequence_replay": 2},
     "sequence replay=4": {"sequence_replay": 4},
+    "sequence B=32 replay=4": {"sequence_replay": 4, "batch_size": 32},
     "sequence replay=8": {"sequence_replay": 8},
     "sequence replay=16": {"sequence_replay": 16},
+    # pools weight the last batches jointly; one noise level per pooled sample keeps the cost per step
+    "sequence pool=4": {"sequence_pool": 4, "denoising_repeats": 1},
+    "sequence pool=4 replay=4": {"sequence_pool": 4, "sequence_replay": 4, "denoising_repeats": 1},
+    "sequence pool=8 replay=2": {"sequence_pool": 8, "sequence_replay": 2, "denoising_repeats": 1},
 }
 BASELINES = ("rgdm_sequence", "rwr", "ddpo_is", "ppo")
 
@@ -87,8 +94,8 @@ def make_objective(name: str, model, task, args: argparse.Namespace, seed: int):
         config = RGDMConfig(**{"batch_size": args.batch, "tau": args.tau, **common, **SETTINGS[name]})
         return RGDMObjective(model, task, config, seed)
     if name in SEQUENCE_SETTINGS:
-        config = RGDMConfig(variant="sequence", batch_size=args.baseline_batch, tau=args.tau, **common,
-                            **SEQUENCE_SETTINGS[name])
+        config = RGDMConfig(**{"variant": "sequence", "batch_size": args.baseline_batch, "tau": args.tau, **common,
+                               **SEQUENCE_SETTINGS[name]})
         return RGDMObjective(model, task, config, seed)
     if name == "rgdm_sequence":
         config = RGDMConfig(variant="sequence", batch_size=args.baseline_batch, tau=args.tau, **common)
@@ -118,41 +125,54 @@ def evaluate(model, task, args: argparse.Namespace) -> dict[str, float]:
             "validity": float(valid.mean())}
 
 
-def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
-    from rgdm.rewards import make_reward
-    from rgdm.runs import load_model, load_training_data
-    from rgdm.training.loop import Trainer
+def training_task(loaded, reward, args: argparse.Namespace, seed: int):
+    """The QED task of a fine-tuning run, with the data term's QM9 batches when λ_mle > 0."""
+    from rgdm.runs import load_training_data
     from rgdm.training.tasks import MoleculeTask
 
+    dataset = load_training_data(loaded.config) if args.lambda_mle > 0 else None
+    return MoleculeTask(loaded.model, reward, dataset, mle_batch_size=32 if args.lambda_mle > 0 else 0, seed=seed)
+
+
+def fine_tune(name: str, seed: int, args: argparse.Namespace, model, task, limits: list[int]) -> Iterator[dict]:
+    """Train ``model`` with setting or baseline ``name``; at each reward-call limit (the iteration that
+    crosses it finishes, and so does a replayed batch) yield the calls, iterations and seconds so far,
+    with the model in eval mode until the next limit is asked for."""
+    from rgdm.training.loop import Trainer
+
+    model.train()
+    objective = make_objective(name, model, task, args, seed)
+    train = TrainConfig(steps=1, lr=args.lr, ema_decay=0.0, grad_clip=1.0, log_every=10**9, val_every=10**9,
+                        checkpoint_every=10**9, seed=seed)
+    with _quiet_dir() as tmp:
+        trainer = Trainer(model, objective, train, Path(tmp), {"config": {"setting": name}},
+                          tensorboard=False, progress=False)
+        started = time.perf_counter()
+        for limit in limits:
+            while objective.reward_calls < limit or _replaying(objective, trainer.step):
+                trainer.config.steps = trainer.step + 1
+                trainer.fit()
+            model.eval()
+            yield {"reward_calls": objective.reward_calls, "iterations": trainer.step,
+                   "train_seconds": round(time.perf_counter() - started, 1)}
+            model.train()
+
+
+def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
+    from rgdm.rewards import make_reward
+    from rgdm.runs import load_model
+
     loaded = load_model("qm9-noh-small")
-    model = loaded.model.train()
     torch.manual_seed(seed)
     budget = args.budget * (args.baseline_factor if name in BASELINES else 1)
-    checkpoints = sorted({args.budget, budget})
-    dataset = load_training_data(loaded.config) if args.lambda_mle > 0 else None
+    points = []
     with make_reward(QED) as reward:
-        task = MoleculeTask(model, reward, dataset, mle_batch_size=32 if args.lambda_mle > 0 else 0,
-                            seed=seed)
-        objective = make_objective(name, model, task, args, seed)
-        train = TrainConfig(steps=1, lr=args.lr, ema_decay=0.0, grad_clip=1.0, log_every=10**9, val_every=10**9,
-                            checkpoint_every=10**9, seed=seed)
-        with _quiet_dir() as tmp:
-            trainer = Trainer(model, objective, train, Path(tmp), {"config": {"setting": name}},
-                              tensorboard=False, progress=False)
-            started = time.perf_counter()
-            points = []
-            for limit in checkpoints:
-                while objective.reward_calls < limit or _replaying(objective, trainer.step):
-                    trainer.config.steps = trainer.step + 1
-                    trainer.fit()
-                seconds = time.perf_counter() - started
-                model.eval()
-                points.append({"reward_calls": objective.reward_calls, "iterations": trainer.step,
-                               "train_seconds": round(seconds, 1), **evaluate(model, task, args)})
-                model.train()
-                print(f"  {name} seed {seed}: {objective.reward_calls} calls, {trainer.step} it., "
-                      f"reward {points[-1]['reward']:.3f}, QED {points[-1]['qed_valid']:.3f}, "
-                      f"validity {points[-1]['validity']:.3f}", flush=True)
+        task = training_task(loaded, reward, args, seed)
+        for progress in fine_tune(name, seed, args, loaded.model, task, sorted({args.budget, budget})):
+            points.append({**progress, **evaluate(loaded.model, task, args)})
+            print(f"  {name} seed {seed}: {progress['reward_calls']} calls, {progress['iterations']} it., "
+                  f"reward {points[-1]['reward']:.3f}, QED {points[-1]['qed_valid']:.3f}, "
+                  f"validity {points[-1]['validity']:.3f}", flush=True)
     return {"setting": name, "seed": seed, "points": points}
 
 

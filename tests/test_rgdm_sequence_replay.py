@@ -17,10 +17,10 @@ from rgdm.training.tasks import GaussianTask
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def sequence_objective(replay: int) -> RGDMObjective:
+def sequence_objective(replay: int = 1, pool: int = 1, **config) -> RGDMObjective:
     model = standard_gaussian_diffusion(dim=2, timesteps=100)
     config = RGDMConfig(variant="sequence", sampling_steps=10, batch_size=8, normalize_rewards=False,
-                        sequence_loss="denoising", sequence_replay=replay)
+                        sequence_loss="denoising", sequence_replay=replay, sequence_pool=pool, **config)
     return RGDMObjective(model, GaussianTask(2, lambda x: x.sum(-1)), config)
 
 
@@ -49,9 +49,32 @@ def test_replay_reuses_the_weighted_batch_without_new_reward_calls():
     assert fresh_calls == [8, 16, 24]
 
 
-def test_replay_with_the_path_loss_is_refused():
-    with pytest.raises(ConfigError, match="sequence_replay"):
-        RGDMConfig(variant="sequence", sequence_loss="path", sequence_replay=2).validate()
+def test_pool_weights_every_kept_batch_jointly():
+    """sequence_pool = 3: each step samples a new batch and weights the last three together: on the
+    reference itself (ratio 1) the weights are softmax(r / tau) over all 24 pooled samples."""
+    objective = sequence_objective(pool=3, truncate_weights=False, tau=0.7)
+    calls, _ = train(objective, 4)
+    assert calls == [8, 16, 24, 32]
+    assert [b.step for b in objective._pool] == [1, 2, 3]
+    fresh = copy.deepcopy(objective.reference)  # a policy equal to the reference: every log-ratio is 0
+    objective._pool = []
+    for step in range(3):
+        objective.loss(fresh, 10 + step)
+    weights, metrics = objective._pool_weights(objective._pool)
+    values = torch.cat([b.values for b in objective._pool])
+    torch.testing.assert_close(torch.cat(weights), torch.softmax(values / 0.7, 0))
+    assert metrics["ess_fraction"] == pytest.approx(metrics["ess"] / 24)
+    # Negative control: a pool of one weights each batch on its own.
+    single = sequence_objective(pool=1, truncate_weights=False, tau=0.7)
+    for step in range(3):
+        single.loss(fresh, step)
+    assert len(single._pool) == 1 and torch.cat(single._pool_weights(single._pool)[0]).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("reuse", [{"sequence_replay": 2}, {"sequence_pool": 2}])
+def test_reusing_batches_with_the_path_loss_is_refused(reuse):
+    with pytest.raises(ConfigError, match="sequence_replay / sequence_pool"):
+        RGDMConfig(variant="sequence", sequence_loss="path", **reuse).validate()
 
 
 def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
@@ -62,7 +85,7 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
     def config(steps: int) -> FinetuneConfig:
         return FinetuneConfig(
             name="ft", base=str(tiny_pretrained), reward={"name": "qed", "method": "edm", "backend": "inline"},
-            rgdm=RGDMConfig(variant="sequence", batch_size=4, sampling_steps=6, sequence_replay=3,
+            rgdm=RGDMConfig(variant="sequence", batch_size=4, sampling_steps=6, sequence_replay=3, sequence_pool=2,
                             denoising_repeats=1),
             train=TrainConfig(steps=steps, lr=1e-3, ema_decay=0.0, log_every=1, val_every=100, checkpoint_every=100),
             eval_samples=0).validate()
@@ -71,8 +94,8 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
         return load_checkpoint(checkpoint_paths(run_dir / "checkpoints")[-1])
 
     finetune(config(5), tmp_path / "a", progress=False, tensorboard=False)
-    finetune(config(4), tmp_path / "b", progress=False, tensorboard=False)  # steps 3..5 replay one batch
-    assert "sequence_cache" in final(tmp_path / "b")["objective"]
+    finetune(config(4), tmp_path / "b", progress=False, tensorboard=False)  # steps 3..5 replay, two batches pooled
+    assert len(final(tmp_path / "b")["objective"]["sequence_pool"]) == 2
     finetune(config(5), tmp_path / "b", resume=True, progress=False, tensorboard=False)
     a, b = final(tmp_path / "a"), final(tmp_path / "b")
     assert a["objective"]["reward_calls"] == b["objective"]["reward_calls"] == 8

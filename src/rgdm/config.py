@@ -166,6 +166,7 @@ class RGDMConfig:
     final_step_in_ratio: bool = False  # sequence variant: count the last step (std ~ data precision) in pi_ref/pi
     denoising_repeats: int = 4  # sequence variant, "denoising": noise levels per sample in the weighted loss
     sequence_replay: int = 1  # sequence variant, "denoising": optimizer steps per weighted batch of roll-outs
+    sequence_pool: int = 1  # sequence variant, "denoising": the loss weights the last this many batches jointly
 
     def validate(self) -> None:
         _check_choice("rgdm.variant", self.variant, ("step", "sequence"))
@@ -179,7 +180,8 @@ class RGDMConfig:
         _check_range("rgdm.lookahead_steps", self.lookahead_steps, low=0)
         for key in ("batch_size", "num_candidates", "explore_steps", "num_probes",
                     "lookahead_samples", "normalizer_buffer", "normalizer_min_count", "mle_batch_size",
-                    "denoising_repeats", "replay", "sequence_replay"):
+                    "denoising_repeats", "replay", "sequence_replay",
+                    "sequence_pool"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=1)
         _check_range("rgdm.sampling_steps", self.sampling_steps, low=0)
         _check_range("rgdm.eta", self.eta, low=1e-6, high=1.0)
@@ -193,9 +195,9 @@ class RGDMConfig:
         if self.variant == "step" and self.antithetic and self.num_candidates % 2:
             raise ConfigError(f"rgdm.num_candidates: antithetic candidates come in pairs, {self.num_candidates} is odd "
                               "(use an even number or antithetic: false)")
-        if self.sequence_replay > 1 and self.sequence_loss == "path":
-            raise ConfigError("rgdm.sequence_replay: replaying a batch needs sequence_loss: denoising (the path "
-                              "loss's control variate assumes the policy that sampled the batch)")
+        if (self.sequence_replay > 1 or self.sequence_pool > 1) and self.sequence_loss == "path":
+            raise ConfigError("rgdm.sequence_replay / sequence_pool: reusing a batch needs sequence_loss: denoising "
+                              "(the path loss's control variate assumes the policy that sampled the batch)")
         if self.shift == "best_probe" and self.num_probes < self.num_candidates - 1:
             raise ConfigError("rgdm.num_probes: best_probe needs at least num_candidates - 1 probes")
 

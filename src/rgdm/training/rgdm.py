@@ -148,13 +148,19 @@ class Exploration:
 
 
 @dataclass
-class WeightedSamples:
-    """A weighted batch of roll-outs of the sequence variant, kept for ``sequence_replay`` steps."""
+class ScoredRollouts:
+    """One batch of the sequence variant's roll-outs, kept while it is replayed or pooled.
+
+    Its importance ratio compares the reference with the policy *that sampled it*, so it stays an exact
+    weight of the pay-off whatever the policy does later; the raw rewards are kept so that the weights
+    are recomputed with the reward normaliser of the moment.
+    """
 
     step: int  # the optimizer step that sampled and scored it
     shard: BatchShard
     x0: Tensor  # this rank's final samples, snapped to the data's lattice
-    weights: Tensor  # this rank's slice of the weights, normalised over the global batch
+    values: Tensor  # [global batch] raw rewards
+    log_ratio: Tensor  # [global batch] log P_ref(traj) - log P_sampler(traj)
     metrics: dict[str, float]
 
 
@@ -177,7 +183,7 @@ class RGDMObjective:
         self.reward_calls = 0  # over all ranks
         self._local_calls = 0  # this rank's calls during the current step
         self._replay_cache: tuple | None = None  # (step, shard, explored items, metrics) while replayed
-        self._sequence_cache: WeightedSamples | None = None  # the weighted roll-outs while replayed
+        self._pool: list[ScoredRollouts] = []  # sequence variant: the batches the loss is fitted on
         self.seed = seed
 
     def _grid(self, model: GaussianDiffusion) -> list[int]:
@@ -514,58 +520,72 @@ class RGDMObjective:
     def replaying(self, step: int) -> bool:
         """Whether optimizer step ``step`` reuses the last batch of reward calls (and so spends none)."""
         if self.config.variant == "sequence":
-            cache, replay = self._sequence_cache, self.config.sequence_replay
-            first = None if cache is None else cache.step
+            first, replay = (self._pool[-1].step if self._pool else None), self.config.sequence_replay
         else:
-            cache, replay = self._replay_cache, self.config.replay
-            first = None if cache is None else cache[0]
+            first, replay = (self._replay_cache[0] if self._replay_cache else None), self.config.replay
         return first is not None and 0 <= step - first < replay
 
     def _sequence_loss(self, model: GaussianDiffusion, shard: BatchShard, generator,
                        step: int = 0) -> tuple[Tensor, dict[str, float]]:
-        """Whole samples of the current model weighted by exp(r / tau) · pi_ref(traj) / pi_theta(traj),
-        self-normalised over the global batch and truncated relative to it (``truncate_weights``).
+        """Whole samples of the current model weighted by exp(r / tau) · pi_ref(traj) / pi_sampler(traj),
+        self-normalised over the global batch (over the pool, see below) and truncated relative to it
+        (``truncate_weights``).
 
         With the denoising loss the weighted samples are a fixed estimate of the pay-off distribution:
         their weights compare the pay-off with the policy *that sampled them*, so they stay valid while
-        the policy moves, and ``sequence_replay`` > 1 takes that many optimizer steps per batch of
-        reward calls (fresh noise levels each time).
+        the policy moves. ``sequence_replay`` > 1 takes that many optimizer steps per batch of reward
+        calls, and ``sequence_pool`` > 1 fits the loss on the last that many batches at once, each
+        sample weighted against its own sampler and the weights normalised over the whole pool (a
+        mixture of proposals, each term exact): more samples per step, the same reward calls.
         """
         cfg = self.config
         if cfg.sequence_loss == "path":
-            traj, weights, metrics = self._weighted_rollouts(model, shard, generator)
-            return self._path_loss(model, traj, weights, shard.global_size, generator), metrics
-        cached = self._sequence_cache
+            traj, rollouts = self._scored_rollouts(model, shard, generator, step)
+            weights, metrics = self._pool_weights([rollouts])
+            return self._path_loss(model, traj, weights[0], shard.global_size, generator), metrics
         if not self.replaying(step):
-            traj, weights, metrics = self._weighted_rollouts(model, shard, generator)
-            x0 = model.snap_to_data(traj.x0, shard.conditions.node_mask)
-            cached = WeightedSamples(step, shard, x0, weights, metrics)
-            self._sequence_cache = cached if cfg.sequence_replay > 1 else None
-        loss = weighted_denoising_loss(model, cached.x0, cached.shard, cached.weights, cfg.denoising_repeats,
-                                       generator)
-        return loss, dict(cached.metrics)
+            _, rollouts = self._scored_rollouts(model, shard, generator, step)
+            self._pool = [*self._pool, rollouts][-cfg.sequence_pool:]
+        weights, metrics = self._pool_weights(self._pool)
+        loss = sum(weighted_denoising_loss(model, b.x0, b.shard, w, cfg.denoising_repeats, generator)
+                   for b, w in zip(self._pool, weights))
+        return loss, metrics
 
     @torch.no_grad()
-    def _weighted_rollouts(self, model: GaussianDiffusion, shard: BatchShard,
-                           generator) -> tuple[Trajectories, Tensor, dict[str, float]]:
-        """Roll out the current model and weight its samples: (trajectories, this rank's weights, metrics)."""
+    def _scored_rollouts(self, model: GaussianDiffusion, shard: BatchShard, generator,
+                         step: int) -> tuple[Trajectories, ScoredRollouts]:
+        """Roll out the current model, score the samples and fit the reward normaliser on them."""
         cfg, cond = self.config, shard.conditions
         traj = collect_trajectories(model, shard, self._grid(model), cfg.eta, generator, self.reference)
         final = self.task.score(traj.x0, cond).gathered(shard)
         self._local_calls += cond.batch_size
+        if cfg.normalize_rewards:
+            self.normalizer.update(final.values, shard.global_conditions.targets)
         log_ratio = shard.gather(traj.log_ratio(skip_final_step=not cfg.final_step_in_ratio))
-        targets = shard.global_conditions.targets
-        all_weights, tau = self._weights(final.values.unsqueeze(0), log_ratio.unsqueeze(0),
-                                         None if targets is None else targets.unsqueeze(0))
-        all_weights = all_weights.squeeze(0)
-        ess = effective_sample_size(torch.log(all_weights.clamp(min=1e-30))).item()
+        x0 = model.snap_to_data(traj.x0, cond.node_mask)
+        return traj, ScoredRollouts(step, shard, x0, final.values, log_ratio, reward_metrics(final))
+
+    def _pool_weights(self, pool: list[ScoredRollouts]) -> tuple[list[Tensor], dict[str, float]]:
+        """Self-normalised, truncated weights over every sample of ``pool``, as each batch's local slice,
+        and the metrics of the newest batch with the weights' ESS over the pool."""
+        cfg = self.config
+        values = torch.cat([b.values for b in pool])
+        log_ratio = torch.cat([b.log_ratio for b in pool])
+        targets = [b.shard.global_conditions.targets for b in pool]
+        targets = None if targets[0] is None else torch.cat(targets)
+        scaled = self._scaled(values, targets)
+        tau = (temperature_for_ess(scaled.unsqueeze(0), log_ratio.unsqueeze(0), cfg.target_ess * len(values))
+               if cfg.adapt_tau else torch.full((1,), cfg.tau, dtype=values.dtype, device=values.device))
+        weights = torch.softmax(payoff_log_weights(scaled.unsqueeze(0), tau, log_ratio.unsqueeze(0)), -1).squeeze(0)
+        ess = effective_sample_size(torch.log(weights.clamp(min=1e-30))).item()
         if cfg.truncate_weights:
-            all_weights = truncate_weights(all_weights)
-        metrics = reward_metrics(final)
-        metrics.update({"ess": ess, "ess_fraction": ess / shard.global_size, "tau": tau.mean().item(),
-                        "weight_entropy": -(all_weights * torch.log(all_weights.clamp(min=1e-30))).sum().item(),
+            weights = truncate_weights(weights)
+        metrics = dict(pool[-1].metrics)
+        metrics.update({"ess": ess, "ess_fraction": ess / len(values), "tau": tau.mean().item(),
+                        "weight_entropy": -(weights * torch.log(weights.clamp(min=1e-30))).sum().item(),
                         "log_ratio_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0})
-        return traj, shard.local(all_weights), metrics
+        slices = weights.split([len(b.values) for b in pool])
+        return [b.shard.local(w) for b, w in zip(pool, slices)], metrics
 
     def _path_loss(self, model: GaussianDiffusion, traj: Trajectories, weights: Tensor, global_size: int,
                    generator) -> Tensor:
@@ -609,10 +629,9 @@ class RGDMObjective:
                  "task": self.task.state_dict(), "reference": self.reference.state_dict()}
         if self._replay_cache is not None:
             state["replay_cache"] = _replay_to_state(self._replay_cache)
-        if self._sequence_cache is not None:
-            cached = self._sequence_cache
-            state["sequence_cache"] = {"step": cached.step, **_shard_to_state(cached.shard), "x0": cached.x0,
-                                       "weights": cached.weights, "metrics": dict(cached.metrics)}
+        if self._pool:
+            state["sequence_pool"] = [{"step": b.step, **_shard_to_state(b.shard), "x0": b.x0, "values": b.values,
+                                       "log_ratio": b.log_ratio, "metrics": dict(b.metrics)} for b in self._pool]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -625,10 +644,9 @@ class RGDMObjective:
         single = distributed.world_size() == 1
         cached = state.get("replay_cache")
         self._replay_cache = _replay_from_state(cached) if cached is not None and single else None
-        cached = state.get("sequence_cache")
-        self._sequence_cache = (WeightedSamples(cached["step"], _shard_from_state(cached), cached["x0"],
-                                                cached["weights"], cached["metrics"])
-                                if cached is not None and single else None)
+        pool = state.get("sequence_pool", []) if single else []
+        self._pool = [ScoredRollouts(b["step"], _shard_from_state(b), b["x0"], b["values"], b["log_ratio"],
+                                     b["metrics"]) for b in pool]
 
 
 @torch.no_grad()
