@@ -79,6 +79,12 @@ SEQUENCE_SETTINGS: dict[str, dict] = {
     "sequence pool=4": {"sequence_pool": 4, "denoising_repeats": 1},
     "sequence pool=4 replay=4": {"sequence_pool": 4, "sequence_replay": 4, "denoising_repeats": 1},
     "sequence pool=8 replay=2": {"sequence_pool": 8, "sequence_replay": 2, "denoising_repeats": 1},
+    # roll-outs of the frozen reference: the importance ratio is exactly 1, so batches never go stale
+    "sequence reference": {"sequence_proposal": "reference"},
+    "sequence reference pool=8 replay=2": {"sequence_proposal": "reference", "sequence_pool": 8, "sequence_replay": 2,
+                                           "denoising_repeats": 1},
+    "sequence reference pool=4 replay=4": {"sequence_proposal": "reference", "sequence_pool": 4, "sequence_replay": 4,
+                                           "denoising_repeats": 1},
 }
 BASELINES = ("rgdm_sequence", "rwr", "ddpo_is", "ppo")
 

@@ -167,6 +167,7 @@ class RGDMConfig:
     denoising_repeats: int = 4  # sequence variant, "denoising": noise levels per sample in the weighted loss
     sequence_replay: int = 1  # sequence variant, "denoising": optimizer steps per weighted batch of roll-outs
     sequence_pool: int = 1  # sequence variant, "denoising": the loss weights the last this many batches jointly
+    sequence_proposal: str = "policy"  # sequence variant: roll-outs of the "policy" or of the frozen "reference"
 
     def validate(self) -> None:
         _check_choice("rgdm.variant", self.variant, ("step", "sequence"))
@@ -175,6 +176,7 @@ class RGDMConfig:
         _check_choice("rgdm.lookahead", self.lookahead, ("tweedie", "rollout", "continuation"))
         _check_choice("rgdm.loss_weighting", self.loss_weighting, ("epsilon", "likelihood"))
         _check_choice("rgdm.sequence_loss", self.sequence_loss, ("path", "denoising"))
+        _check_choice("rgdm.sequence_proposal", self.sequence_proposal, ("policy", "reference"))
         _check_choice("rgdm.weight_normalisation", self.weight_normalisation, ("self", "jackknife"))
         _check_range("rgdm.path_steps", self.path_steps, low=0)
         _check_range("rgdm.lookahead_steps", self.lookahead_steps, low=0)
@@ -195,9 +197,11 @@ class RGDMConfig:
         if self.variant == "step" and self.antithetic and self.num_candidates % 2:
             raise ConfigError(f"rgdm.num_candidates: antithetic candidates come in pairs, {self.num_candidates} is odd "
                               "(use an even number or antithetic: false)")
-        if (self.sequence_replay > 1 or self.sequence_pool > 1) and self.sequence_loss == "path":
-            raise ConfigError("rgdm.sequence_replay / sequence_pool: reusing a batch needs sequence_loss: denoising "
-                              "(the path loss's control variate assumes the policy that sampled the batch)")
+        reuse = self.sequence_replay > 1 or self.sequence_pool > 1 or self.sequence_proposal == "reference"
+        if reuse and self.sequence_loss == "path":
+            raise ConfigError("rgdm.sequence_replay / sequence_pool / sequence_proposal: reusing a batch or "
+                              "sampling the reference needs sequence_loss: denoising (the path loss's control "
+                              "variate assumes the policy sampled the batch)")
         if self.shift == "best_probe" and self.num_probes < self.num_candidates - 1:
             raise ConfigError("rgdm.num_probes: best_probe needs at least num_candidates - 1 probes")
 

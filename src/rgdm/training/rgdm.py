@@ -554,14 +554,19 @@ class RGDMObjective:
     @torch.no_grad()
     def _scored_rollouts(self, model: GaussianDiffusion, shard: BatchShard, generator,
                          step: int) -> tuple[Trajectories, ScoredRollouts]:
-        """Roll out the current model, score the samples and fit the reward normaliser on them."""
+        """Roll out the sampler (the current model, or the frozen reference with ``sequence_proposal:
+        reference``), score the samples and fit the reward normaliser on them."""
         cfg, cond = self.config, shard.conditions
-        traj = collect_trajectories(model, shard, self._grid(model), cfg.eta, generator, self.reference)
+        if cfg.sequence_proposal == "reference":  # P_ref / P_sampler is exactly 1: no ratio noise at all
+            traj = collect_trajectories(self.reference, shard, self._grid(model), cfg.eta, generator)
+            log_ratio = torch.zeros(shard.global_size, device=traj.x0.device)
+        else:
+            traj = collect_trajectories(model, shard, self._grid(model), cfg.eta, generator, self.reference)
+            log_ratio = shard.gather(traj.log_ratio(skip_final_step=not cfg.final_step_in_ratio))
         final = self.task.score(traj.x0, cond).gathered(shard)
         self._local_calls += cond.batch_size
         if cfg.normalize_rewards:
             self.normalizer.update(final.values, shard.global_conditions.targets)
-        log_ratio = shard.gather(traj.log_ratio(skip_final_step=not cfg.final_step_in_ratio))
         x0 = model.snap_to_data(traj.x0, cond.node_mask)
         return traj, ScoredRollouts(step, shard, x0, final.values, log_ratio, reward_metrics(final))
 
