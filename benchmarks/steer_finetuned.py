@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from amortisation import diversity
-from step_ablation import QED, fine_tune, mean_se, training_task
+from step_ablation import REWARDS, fine_tune, mean_se, training_task
 
 SAMPLERS = ("plain", "smc", "svdd")
 
@@ -73,7 +73,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     loaded = load_model("qm9-noh-small")
     pretrained = copy.deepcopy(loaded.model).eval()
     torch.manual_seed(seed)
-    with make_reward(QED) as reward:
+    with make_reward(REWARDS[args.reward]) as reward:
         task = training_task(loaded, reward, args, seed)
         print(f"seed {seed}: fine-tuning with {args.setting!r} ...", flush=True)
         training = next(fine_tune(args.setting, seed, args, loaded.model, task, [args.budget]))
@@ -122,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", default="sequence replay=4", help="a setting of benchmarks/step_ablation.py")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--reward", choices=sorted(REWARDS), default="qed")
     parser.add_argument("--budget", type=int, default=792, help="training reward calls of the fine-tuning")
     parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and every sampler")
     parser.add_argument("--samples", type=int, default=128, help="molecules per model and sampler")

@@ -72,9 +72,10 @@ def test_pool_weights_every_kept_batch_jointly():
 
 
 @pytest.mark.parametrize("reuse", [{"sequence_replay": 2}, {"sequence_pool": 2}])
-def test_reusing_batches_with_the_path_loss_is_refused(reuse):
+def test_reusing_the_policys_batches_with_the_path_loss_is_refused(reuse):
     with pytest.raises(ConfigError, match="sequence_replay / sequence_pool"):
         RGDMConfig(variant="sequence", sequence_loss="path", **reuse).validate()
+    RGDMConfig(variant="sequence", sequence_loss="path", sequence_proposal="reference", **reuse).validate()
 
 
 def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
@@ -103,7 +104,8 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
         assert torch.equal(a["model"][name], b["model"][name]), name
 
 
-def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_reference: bool = False):
+def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_reference: bool = False,
+                                loss: str = "denoising"):
     """Sequence RGDM on the closed form with roll-outs of the frozen reference (the ratio is exactly 1),
     pooled over 4 batches and replayed twice; yields (steps, exact mean, exact covariance, target mean,
     target covariance). ``break_reference`` lets the "reference" follow the policy (plain RWR with a pool)."""
@@ -116,8 +118,9 @@ def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_referenc
     model = standard_gaussian_diffusion(dim=2, timesteps=200)
     reference_moments = exact_moments(standard_gaussian_diffusion(dim=2, timesteps=200), 50)
     target_mean, target_cov = (v.float() for v in gaussian_payoff(*reference_moments, "linear", tau, a=a))
-    config = RGDMConfig(variant="sequence", sampling_steps=50, batch_size=128, tau=tau, normalize_rewards=False,
-                        sequence_loss="denoising", sequence_proposal="reference", sequence_pool=4,
+    batch = 128 if loss == "denoising" else 64  # the path loss trains all 50 steps of every trajectory
+    config = RGDMConfig(variant="sequence", sampling_steps=50, batch_size=batch, tau=tau, normalize_rewards=False,
+                        sequence_loss=loss, sequence_proposal="reference", sequence_pool=4,
                         sequence_replay=2, denoising_repeats=1)
     objective = RGDMObjective(model, GaussianTask(2, lambda x: x @ a), config)
     if break_reference:
@@ -130,13 +133,14 @@ def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_referenc
         trainer.fit()
         mean, cov = (v.float() for v in exact_moments(model, 50))
         yield total, mean, cov, target_mean, target_cov
-    assert objective.reward_calls == steps[-1] // 2 * 128  # one batch per two optimizer steps
+    assert objective.reward_calls == steps[-1] // 2 * batch  # one batch per two optimizer steps
 
 
-def test_reference_proposal_with_pool_and_replay_lands_on_the_payoff(tmp_path):
+@pytest.mark.parametrize("loss", ["denoising", "path"])
+def test_reference_proposal_with_pool_and_replay_lands_on_the_payoff(tmp_path, loss):
     """The fit is the pay-off N(C0 a / tau, C0) of the closed form, and it stays there: reusing each batch
     (4 pooled, 2 replays) does not re-tilt anything, because the samples are the reference's."""
-    for steps, mean, cov, target_mean, target_cov in fit_from_reference_rollouts(tmp_path, (60, 120)):
+    for steps, mean, cov, target_mean, target_cov in fit_from_reference_rollouts(tmp_path, (60, 120), loss=loss):
         assert (mean - target_mean).norm() < 0.1 * target_mean.norm(), f"{steps} steps: mean {mean} vs {target_mean}"
         assert (cov - target_cov).abs().max() < 0.1, f"{steps} steps: covariance {cov} vs {target_cov}"
 

@@ -197,11 +197,11 @@ class RGDMConfig:
         if self.variant == "step" and self.antithetic and self.num_candidates % 2:
             raise ConfigError(f"rgdm.num_candidates: antithetic candidates come in pairs, {self.num_candidates} is odd "
                               "(use an even number or antithetic: false)")
-        reuse = self.sequence_replay > 1 or self.sequence_pool > 1 or self.sequence_proposal == "reference"
-        if reuse and self.sequence_loss == "path":
-            raise ConfigError("rgdm.sequence_replay / sequence_pool / sequence_proposal: reusing a batch or "
-                              "sampling the reference needs sequence_loss: denoising (the path loss's control "
-                              "variate assumes the policy sampled the batch)")
+        reuse = self.sequence_replay > 1 or self.sequence_pool > 1
+        if reuse and self.sequence_loss == "path" and self.sequence_proposal == "policy":
+            raise ConfigError("rgdm.sequence_replay / sequence_pool: the path loss reuses a batch only with "
+                              "sequence_proposal: reference (its likelihood ratio to a moved policy is not "
+                              "corrected); use sequence_loss: denoising or the reference proposal")
         if self.shift == "best_probe" and self.num_probes < self.num_candidates - 1:
             raise ConfigError("rgdm.num_probes: best_probe needs at least num_candidates - 1 probes")
 

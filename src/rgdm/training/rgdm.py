@@ -40,7 +40,7 @@ from rgdm import distributed
 from rgdm.config import RGDMConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.normalizer import RewardNormalizer
-from rgdm.training.rollouts import Trajectories, collect_trajectories, step_times, weighted_denoising_loss
+from rgdm.training.rollouts import collect_trajectories, step_times, weighted_denoising_loss
 from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
 
 # ------------------------------------------------------------------------------------------------- #
@@ -162,6 +162,8 @@ class ScoredRollouts:
     values: Tensor  # [global batch] raw rewards
     log_ratio: Tensor  # [global batch] log P_ref(traj) - log P_sampler(traj)
     metrics: dict[str, float]
+    states: Tensor | None = None  # path loss: this rank's trajectories [S + 1, B, ...] on ``grid``
+    grid: list[int] | None = None
 
 
 class RGDMObjective:
@@ -539,21 +541,21 @@ class RGDMObjective:
         mixture of proposals, each term exact): more samples per step, the same reward calls.
         """
         cfg = self.config
-        if cfg.sequence_loss == "path":
-            traj, rollouts = self._scored_rollouts(model, shard, generator, step)
-            weights, metrics = self._pool_weights([rollouts])
-            return self._path_loss(model, traj, weights[0], shard.global_size, generator), metrics
         if not self.replaying(step):
-            _, rollouts = self._scored_rollouts(model, shard, generator, step)
+            rollouts = self._scored_rollouts(model, shard, generator, step)
             self._pool = [*self._pool, rollouts][-cfg.sequence_pool:]
         weights, metrics = self._pool_weights(self._pool)
-        loss = sum(weighted_denoising_loss(model, b.x0, b.shard, w, cfg.denoising_repeats, generator)
-                   for b, w in zip(self._pool, weights))
+        if cfg.sequence_loss == "path":
+            pool_size = sum(len(b.values) for b in self._pool)
+            loss = sum(self._path_loss(model, b, w, pool_size, generator) for b, w in zip(self._pool, weights))
+        else:
+            loss = sum(weighted_denoising_loss(model, b.x0, b.shard, w, cfg.denoising_repeats, generator)
+                       for b, w in zip(self._pool, weights))
         return loss, metrics
 
     @torch.no_grad()
     def _scored_rollouts(self, model: GaussianDiffusion, shard: BatchShard, generator,
-                         step: int) -> tuple[Trajectories, ScoredRollouts]:
+                         step: int) -> ScoredRollouts:
         """Roll out the sampler (the current model, or the frozen reference with ``sequence_proposal:
         reference``), score the samples and fit the reward normaliser on them."""
         cfg, cond = self.config, shard.conditions
@@ -568,7 +570,9 @@ class RGDMObjective:
         if cfg.normalize_rewards:
             self.normalizer.update(final.values, shard.global_conditions.targets)
         x0 = model.snap_to_data(traj.x0, cond.node_mask)
-        return traj, ScoredRollouts(step, shard, x0, final.values, log_ratio, reward_metrics(final))
+        path = cfg.sequence_loss == "path"
+        return ScoredRollouts(step, shard, x0, final.values, log_ratio, reward_metrics(final),
+                              traj.states if path else None, traj.grid if path else None)
 
     def _pool_weights(self, pool: list[ScoredRollouts]) -> tuple[list[Tensor], dict[str, float]]:
         """Self-normalised, truncated weights over every sample of ``pool``, as each batch's local slice,
@@ -592,7 +596,7 @@ class RGDMObjective:
         slices = weights.split([len(b.values) for b in pool])
         return [b.shard.local(w) for b, w in zip(pool, slices)], metrics
 
-    def _path_loss(self, model: GaussianDiffusion, traj: Trajectories, weights: Tensor, global_size: int,
+    def _path_loss(self, model: GaussianDiffusion, rollouts: ScoredRollouts, weights: Tensor, pool_size: int,
                    generator) -> Tensor:
         """-Σ_i w_i Σ_steps log pi_theta(z_s^i | z_t^i) / dof: the weighted log-likelihood of the
         trajectories' own steps, on ``path_steps`` random steps (all when 0), each on the regression's scale.
@@ -603,25 +607,31 @@ class RGDMObjective:
         denoising loss on x_0 instead (``sequence_loss: denoising``) refits the model's own samples,
         whose discretisation error then compounds over iterations.
         """
-        cfg, cond = self.config, traj.conditions
-        n_pairs = len(traj.grid) - 1
+        cfg, cond = self.config, rollouts.shard.conditions
+        grid, states = rollouts.grid, rollouts.states
+        n_pairs = len(grid) - 1
         picks = torch.randperm(n_pairs, generator=generator, device=generator.device)[
             : cfg.path_steps or n_pairs].sort().values
+        from_reference = cfg.sequence_proposal == "reference"
         total = 0.0
         for idx in picks.tolist():
-            t, s = self._times(traj.grid[idx], traj.grid[idx + 1], cond.batch_size)
-            z_t, z_s = traj.states[idx], traj.states[idx + 1]
+            t, s = self._times(grid[idx], grid[idx + 1], cond.batch_size)
+            z_t, z_s = states[idx], states[idx + 1]
             mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
             scale = self._step_scale(model, std, t, s)
             if cfg.control_variate:
-                # The step's own noise p_i = z_s - mean (the policy is the one that sampled it) has mean
-                # zero whatever the state: subtracting its uniformly weighted share leaves the gradient's
-                # expectation alone and removes most of its variance. The surrogate below has the
-                # gradient -Σ_i (w_i - 1/N) p_i dmean_i at the current parameters.
-                perturbation = z_s - mean.detach()
-                uniform = 1.0 / global_size
-                excess = (weights / uniform - 1.0).view(-1, *([1] * (mean.dim() - 1)))
-                target = mean.detach() + excess * perturbation
+                # The step's own noise p_i = z_s - mean_sampler has mean zero whatever the state:
+                # subtracting its uniformly weighted share leaves the gradient's expectation alone and
+                # removes most of its variance. The surrogate below has the gradient
+                # -Σ_i [w_i (z_s - mean_i) - p_i / N] dmean_i at the current parameters.
+                sampler_mean = mean.detach()
+                if from_reference:
+                    with torch.no_grad():
+                        sampler_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask,
+                                                                           cond.context, cfg.eta)
+                uniform = 1.0 / pool_size
+                ratio = (weights / uniform).view(-1, *([1] * (mean.dim() - 1)))
+                target = mean.detach() + ratio * (z_s - mean.detach()) - (z_s - sampler_mean)
                 row_weights = torch.full_like(weights, uniform)
             else:
                 target, row_weights = z_s, weights
@@ -636,7 +646,8 @@ class RGDMObjective:
             state["replay_cache"] = _replay_to_state(self._replay_cache)
         if self._pool:
             state["sequence_pool"] = [{"step": b.step, **_shard_to_state(b.shard), "x0": b.x0, "values": b.values,
-                                       "log_ratio": b.log_ratio, "metrics": dict(b.metrics)} for b in self._pool]
+                                       "log_ratio": b.log_ratio, "metrics": dict(b.metrics), "states": b.states,
+                                       "grid": b.grid} for b in self._pool]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -651,7 +662,7 @@ class RGDMObjective:
         self._replay_cache = _replay_from_state(cached) if cached is not None and single else None
         pool = state.get("sequence_pool", []) if single else []
         self._pool = [ScoredRollouts(b["step"], _shard_from_state(b), b["x0"], b["values"], b["log_ratio"],
-                                     b["metrics"]) for b in pool]
+                                     b["metrics"], b.get("states"), b.get("grid")) for b in pool]
 
 
 @torch.no_grad()
