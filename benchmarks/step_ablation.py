@@ -89,6 +89,11 @@ SEQUENCE_SETTINGS: dict[str, dict] = {
                                            "denoising_repeats": 1},
     "sequence reference pool=4 replay=4": {"sequence_proposal": "reference", "sequence_pool": 4, "sequence_replay": 4,
                                            "denoising_repeats": 1},
+    # the exact path likelihood on the reference's roll-outs: trains the sampler's own steps
+    "sequence reference path pool=4 replay=2": {"sequence_proposal": "reference", "sequence_loss": "path",
+                                                "sequence_pool": 4, "sequence_replay": 2, "path_steps": 8},
+    "sequence reference path pool=4 replay=4": {"sequence_proposal": "reference", "sequence_loss": "path",
+                                                "sequence_pool": 4, "sequence_replay": 4, "path_steps": 8},
 }
 BASELINES = ("rgdm_sequence", "rwr", "ddpo_is", "ppo")
 

@@ -165,8 +165,8 @@ class RGDMConfig:
     path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
     final_step_in_ratio: bool = False  # sequence variant: count the last step (std ~ data precision) in pi_ref/pi
     denoising_repeats: int = 4  # sequence variant, "denoising": noise levels per sample in the weighted loss
-    sequence_replay: int = 1  # sequence variant, "denoising": optimizer steps per weighted batch of roll-outs
-    sequence_pool: int = 1  # sequence variant, "denoising": the loss weights the last this many batches jointly
+    sequence_replay: int = 1  # sequence variant: optimizer steps per weighted batch of roll-outs (docs/rgdm.md)
+    sequence_pool: int = 1  # sequence variant: the loss weights the last this many batches jointly
     sequence_proposal: str = "policy"  # sequence variant: roll-outs of the "policy" or of the frozen "reference"
 
     def validate(self) -> None:
