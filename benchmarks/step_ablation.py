@@ -233,19 +233,20 @@ def mean_se(values: list[float]) -> str:
 def table(runs: dict[str, list[dict]], base: dict | None, budget: int, reward: str = "qed") -> str:
     header = ("reward (QED, −1 invalid) | QED of valid" if reward == "qed" else
               "reward (−\\|gap − 4 eV\\| in eV, −5 failed) | reward of valid")
-    lines = [f"| setting | reward calls | iterations | {header} | validity | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| setting | seeds | reward calls | iterations | {header} | validity | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     if base is not None:
         p = base["points"][0]
-        lines.append(f"| base `qm9-noh-small` | 0 | 0 | {p['reward']:.3f} | {p['qed_valid']:.3f} | "
+        lines.append(f"| base `qm9-noh-small` | – | 0 | 0 | {p['reward']:.3f} | {p['qed_valid']:.3f} | "
                      f"{p['validity']:.3f} | – |")
     for name, results in runs.items():
         for index in range(max(len(r["points"]) for r in results)):
             points = [r["points"][index] for r in results if len(r["points"]) > index]
             calls = sum(p["reward_calls"] for p in points) / len(points)
             label = name if calls <= budget * 1.5 else f"{name} (×{round(calls / budget)} budget)"
+            iterations = sum(p["iterations"] for p in points) / len(points)
             lines.append(
-                f"| {label} | {calls:,.0f} | {sum(p['iterations'] for p in points) / len(points):.0f} | "
+                f"| {label} | {len(points)} | {calls:,.0f} | {iterations:.0f} | "
                 f"{mean_se([p['reward'] for p in points])} | {mean_se([p['qed_valid'] for p in points])} | "
                 f"{mean_se([p['validity'] for p in points])} | "
                 f"{sum(p['train_seconds'] for p in points) / len(points):.0f} |")
