@@ -44,8 +44,7 @@ from rgdm import distributed
 from rgdm.config import DDPOConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.normalizer import RewardNormalizer
-from rgdm.training.rgdm import reward_metrics
-from rgdm.training.rollouts import Trajectories, collect_trajectories, gaussian_kl
+from rgdm.training.rollouts import Trajectories, collect_trajectories, gaussian_kl, reward_metrics
 from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
 
 # ------------------------------------------------------------------------------------------------- #

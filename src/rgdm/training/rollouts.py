@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from rgdm.diffusion.gaussian import GaussianDiffusion
-from rgdm.training.tasks import BatchShard, Conditions
+from rgdm.training.tasks import BatchShard, Conditions, Scores
 
 
 @dataclass
@@ -102,3 +102,13 @@ def weighted_denoising_loss(model: GaussianDiffusion, x0: Tensor, shard: BatchSh
         noise = shard.noise(model, generator)
         losses.append(model.loss(x0, cond.node_mask, cond.context, t=shard.local(t), noise=noise))
     return (torch.stack(losses).mean(0) * weights).sum()
+
+
+def reward_metrics(final: Scores) -> dict[str, float]:
+    """Reward statistics of a batch of final samples, logged by every reward-driven objective."""
+    values = final.values
+    out = {"reward_mean": values.mean().item(), "reward_median": values.median().item(),
+           "reward_max": values.max().item(), "invalid_fraction": 1.0 - final.valid.float().mean().item()}
+    if final.property is not None and torch.isfinite(final.property).any():
+        out["property_mean"] = final.property[torch.isfinite(final.property)].mean().item()
+    return out

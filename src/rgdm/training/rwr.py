@@ -35,8 +35,8 @@ from rgdm.config import RWRConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.ddpo import checked_rewards
 from rgdm.training.normalizer import RewardNormalizer
-from rgdm.training.rgdm import effective_sample_size, reward_metrics, truncate_weights
-from rgdm.training.rollouts import collect_trajectories, weighted_denoising_loss
+from rgdm.training.payoff_weights import effective_sample_size, truncate_weights
+from rgdm.training.rollouts import collect_trajectories, reward_metrics, weighted_denoising_loss
 from rgdm.training.tasks import BatchShard, Task, task_stats
 
 

@@ -1,0 +1,90 @@
+"""Temperature and importance weights of the pay-off pi_ref · exp(V / tau).
+
+Candidates (or whole samples) carry unnormalised log-weights V / tau + log(proposal ratio); the
+helpers here turn them into self-normalised weights, pick tau for a target effective sample size,
+correct the self-normalisation's O(1/K) bias (jackknife) and truncate heavy weights (Ionides 2008).
+RGDM's step and sequence levels use them, and RWR its ESS and truncation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def effective_sample_size(log_weights: Tensor) -> Tensor:
+    """ESS = (Σw)^2 / Σw^2 of unnormalised log-weights along the last dimension."""
+    w = torch.softmax(log_weights, dim=-1)
+    return 1.0 / (w**2).sum(-1)
+
+
+def payoff_log_weights(values: Tensor, tau: Tensor, log_base: Tensor) -> Tensor:
+    """Unnormalised log-weights log exp(V/tau) + log_base of candidates, [..., K].
+
+    ``values`` is [..., K] (one value per candidate) or [..., K, M]: M look-ahead samples per
+    candidate, whose exp(r/tau) are averaged (an unbiased estimate of exp(V/tau) for the soft value
+    V = tau log E[exp(r/tau)]). ``tau`` is [...] (one temperature per row).
+    """
+    tau = tau.view(*tau.shape, *([1] * (values.dim() - tau.dim())))
+    scaled = values / tau
+    if values.dim() == log_base.dim() + 1:
+        scaled = torch.logsumexp(scaled, dim=-1) - math.log(values.shape[-1])
+    return scaled + log_base
+
+
+def temperature_for_ess(values: Tensor, log_base: Tensor, target_ess: float, low: float = 1e-3,
+                        high: float = 1e3, iterations: int = 30) -> Tensor:
+    """Per-row tau such that ESS of the pay-off weights ≈ target_ess (bisection in log tau).
+
+    Higher tau flattens the weights (ESS grows), so ESS is monotone in tau for fixed log_base.
+    ``values`` is [..., K] or [..., K, M] as in ``payoff_log_weights``.
+    """
+    rows = log_base.shape[:-1]
+    lo = torch.full(rows, math.log(low), dtype=values.dtype, device=values.device)
+    hi = torch.full(rows, math.log(high), dtype=values.dtype, device=values.device)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        ess = effective_sample_size(payoff_log_weights(values, mid.exp(), log_base))
+        too_peaked = ess < target_ess
+        lo = torch.where(too_peaked, mid, lo)
+        hi = torch.where(too_peaked, hi, mid)
+    return ((lo + hi) / 2).exp()
+
+
+def jackknife_weights(log_weights: Tensor, groups: int) -> Tensor:
+    """Self-normalised weights with the jackknife's bias correction, along the last dimension.
+
+    The self-normalised estimate R = Σ f_k y_k / Σ f_k of a pay-off mean is biased by O(1/K): each f_k
+    also sits in its own normaliser, and noisy values f (Monte Carlo look-aheads) make it worse. The
+    jackknife over G = ``groups`` groups of candidates (antithetic pairs stay together),
+
+        R_J = G · R - (G - 1) / G · Σ_g R_{-g},      R_{-g}: the estimate without group g,
+
+    cancels the 1/K term (Quenouille; bias O(1/K^2)). R_J is linear in the y_k, so it is a weighted
+    mean whose weights sum to one; a few can be slightly negative.
+    """
+    k = log_weights.shape[-1]
+    f = torch.exp(log_weights - log_weights.amax(-1, keepdim=True))
+    total = f.sum(-1, keepdim=True)
+    group_sums = f.view(*f.shape[:-1], groups, k // groups).sum(-1)  # [..., G]
+    without = (total - group_sums).clamp(min=1e-30)  # normaliser of R_{-g}
+    own = without.repeat_interleave(k // groups, dim=-1)  # [..., K]: the normaliser that drops k's own group
+    sum_over_other_groups = (1.0 / without).sum(-1, keepdim=True) - 1.0 / own
+    return groups * f / total - (groups - 1) / groups * f * sum_over_other_groups
+
+
+def truncate_weights(weights: Tensor) -> Tensor:
+    """Truncated importance sampling (Ionides 2008): cap normalised weights at sqrt(N) times their
+    mean, 1 / sqrt(N), then renormalise, along the last dimension.
+
+    The cap is relative to the batch, so it bounds the variance whatever the policy's drift, and it
+    leaves uniform weights (the fixed point, where the policy equals the pay-off) untouched. An
+    absolute clip of log pi_ref / pi_theta would instead erase the reference correction once the
+    policy drifts, and the objective would silently become reward-weighted regression.
+    """
+    cap = weights.shape[-1] ** -0.5
+    capped = weights.clamp(max=cap)
+    return capped / capped.sum(-1, keepdim=True)
+

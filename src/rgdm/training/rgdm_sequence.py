@@ -1,0 +1,167 @@
+"""RGDM's sequence level: whole samples weighted towards the pay-off, and the loss that fits them.
+
+The sequence-level variant weights whole trajectories of the current model by
+exp(r(x_0)/tau) · pi_ref(trajectory) / pi_theta(trajectory), self-normalised over the batch and
+truncated relative to it (Ionides 2008), and fits them: by the weighted denoising loss on their x_0
+(``sequence_loss: denoising``, the default) or by their weighted path log-likelihood (``path``, for
+which the pay-off is an exact fixed point; docs/rgdm.md says when each one wins).
+
+The functions take the objective, whose configuration, frozen reference, reward normaliser and pool
+of scored roll-outs they use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from rgdm.diffusion.gaussian import GaussianDiffusion
+from rgdm.training.payoff_weights import (
+    effective_sample_size,
+    payoff_log_weights,
+    temperature_for_ess,
+    truncate_weights,
+)
+from rgdm.training.rollouts import collect_trajectories, reward_metrics, weighted_denoising_loss
+from rgdm.training.tasks import BatchShard
+
+if TYPE_CHECKING:
+    from rgdm.training.rgdm import RGDMObjective
+
+
+@dataclass
+class ScoredRollouts:
+    """One batch of the sequence variant's roll-outs, kept while it is replayed or pooled.
+
+    Its importance ratio compares the reference with the policy *that sampled it*, so it stays an exact
+    weight of the pay-off whatever the policy does later; the raw rewards are kept so that the weights
+    are recomputed with the reward normaliser of the moment.
+    """
+
+    step: int  # the optimizer step that sampled and scored it
+    shard: BatchShard
+    x0: Tensor  # this rank's final samples, snapped to the data's lattice
+    values: Tensor  # [global batch] raw rewards
+    log_ratio: Tensor  # [global batch] log P_ref(traj) - log P_sampler(traj)
+    metrics: dict[str, float]
+    states: Tensor | None = None  # path loss: this rank's trajectories [S + 1, B, ...] on ``grid``
+    grid: list[int] | None = None
+
+
+def sequence_loss(objective: RGDMObjective, model: GaussianDiffusion, shard: BatchShard, generator,
+                  step: int = 0) -> tuple[Tensor, dict[str, float]]:
+    """Whole samples of the current model weighted by exp(r / tau) · pi_ref(traj) / pi_sampler(traj),
+    self-normalised over the global batch (over the pool, see below) and truncated relative to it
+    (``truncate_weights``).
+
+    With the denoising loss the weighted samples are a fixed estimate of the pay-off distribution:
+    their weights compare the pay-off with the policy *that sampled them*, so they stay valid while
+    the policy moves. ``sequence_replay`` > 1 takes that many optimizer steps per batch of reward
+    calls, and ``sequence_pool`` > 1 fits the loss on the last that many batches at once, each
+    sample weighted against its own sampler and the weights normalised over the whole pool (a
+    mixture of proposals, each term exact): more samples per step, the same reward calls.
+    """
+    cfg = objective.config
+    if not objective.replaying(step):
+        rollouts = scored_rollouts(objective, model, shard, generator, step)
+        objective._pool = [*objective._pool, rollouts][-cfg.sequence_pool:]
+    weights, metrics = pool_weights(objective, objective._pool)
+    if cfg.sequence_loss == "path":
+        pool_size = sum(len(b.values) for b in objective._pool)
+        loss = sum(path_loss(objective, model, b, w, pool_size, generator) for b, w in zip(objective._pool, weights))
+    else:
+        loss = sum(weighted_denoising_loss(model, b.x0, b.shard, w, cfg.denoising_repeats, generator)
+                   for b, w in zip(objective._pool, weights))
+    return loss, metrics
+
+
+@torch.no_grad()
+def scored_rollouts(objective: RGDMObjective, model: GaussianDiffusion, shard: BatchShard, generator,
+                    step: int) -> ScoredRollouts:
+    """Roll out the sampler (the current model, or the frozen reference with ``sequence_proposal:
+    reference``), score the samples and fit the reward normaliser on them."""
+    cfg, cond = objective.config, shard.conditions
+    if cfg.sequence_proposal == "reference":  # P_ref / P_sampler is exactly 1: no ratio noise at all
+        traj = collect_trajectories(objective.reference, shard, objective._grid(model), cfg.eta, generator)
+        log_ratio = torch.zeros(shard.global_size, device=traj.x0.device)
+    else:
+        traj = collect_trajectories(model, shard, objective._grid(model), cfg.eta, generator, objective.reference)
+        log_ratio = shard.gather(traj.log_ratio(skip_final_step=not cfg.final_step_in_ratio))
+    final = objective.task.score(traj.x0, cond).gathered(shard)
+    objective._local_calls += cond.batch_size
+    if cfg.normalize_rewards:
+        objective.normalizer.update(final.values, shard.global_conditions.targets)
+    x0 = model.snap_to_data(traj.x0, cond.node_mask)
+    path = cfg.sequence_loss == "path"
+    return ScoredRollouts(step, shard, x0, final.values, log_ratio, reward_metrics(final),
+                          traj.states if path else None, traj.grid if path else None)
+
+
+def pool_weights(objective: RGDMObjective, pool: list[ScoredRollouts]) -> tuple[list[Tensor], dict[str, float]]:
+    """Self-normalised, truncated weights over every sample of ``pool``, as each batch's local slice,
+    and the metrics of the newest batch with the weights' ESS over the pool."""
+    cfg = objective.config
+    values = torch.cat([b.values for b in pool])
+    log_ratio = torch.cat([b.log_ratio for b in pool])
+    targets = [b.shard.global_conditions.targets for b in pool]
+    targets = None if targets[0] is None else torch.cat(targets)
+    scaled = objective._scaled(values, targets)
+    tau = (temperature_for_ess(scaled.unsqueeze(0), log_ratio.unsqueeze(0), cfg.target_ess * len(values))
+           if cfg.adapt_tau else torch.full((1,), cfg.tau, dtype=values.dtype, device=values.device))
+    weights = torch.softmax(payoff_log_weights(scaled.unsqueeze(0), tau, log_ratio.unsqueeze(0)), -1).squeeze(0)
+    ess = effective_sample_size(torch.log(weights.clamp(min=1e-30))).item()
+    if cfg.truncate_weights:
+        weights = truncate_weights(weights)
+    metrics = dict(pool[-1].metrics)
+    metrics.update({"ess": ess, "ess_fraction": ess / len(values), "tau": tau.mean().item(),
+                    "weight_entropy": -(weights * torch.log(weights.clamp(min=1e-30))).sum().item(),
+                    "log_ratio_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0})
+    slices = weights.split([len(b.values) for b in pool])
+    return [b.shard.local(w) for b, w in zip(pool, slices)], metrics
+
+
+def path_loss(objective: RGDMObjective, model: GaussianDiffusion, rollouts: ScoredRollouts, weights: Tensor,
+              pool_size: int, generator) -> Tensor:
+    """-Σ_i w_i Σ_steps log pi_theta(z_s^i | z_t^i) / dof: the weighted log-likelihood of the
+    trajectories' own steps, on ``path_steps`` random steps (all when 0), each on the regression's scale.
+
+    This is KL(P* || P_theta) over whole paths, with P* = P_ref · exp(r / tau) / Z the pay-off path
+    measure. At P_theta = P* the weights are uniform and every step's expected gradient vanishes,
+    so the pay-off is a fixed point exactly, whatever the number of sampling steps; a weighted
+    denoising loss on x_0 instead (``sequence_loss: denoising``) refits the model's own samples,
+    whose discretisation error then compounds over iterations.
+    """
+    cfg, cond = objective.config, rollouts.shard.conditions
+    grid, states = rollouts.grid, rollouts.states
+    n_pairs = len(grid) - 1
+    picks = torch.randperm(n_pairs, generator=generator, device=generator.device)[
+        : cfg.path_steps or n_pairs].sort().values
+    from_reference = cfg.sequence_proposal == "reference"
+    total = 0.0
+    for idx in picks.tolist():
+        t, s = objective._times(grid[idx], grid[idx + 1], cond.batch_size)
+        z_t, z_s = states[idx], states[idx + 1]
+        mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+        scale = objective._step_scale(model, std, t, s)
+        if cfg.control_variate:
+            # The step's own noise p_i = z_s - mean_sampler has mean zero whatever the state:
+            # subtracting its uniformly weighted share leaves the gradient's expectation alone and
+            # removes most of its variance. The surrogate below has the gradient
+            # -Σ_i [w_i (z_s - mean_i) - p_i / N] dmean_i at the current parameters.
+            sampler_mean = mean.detach()
+            if from_reference:
+                with torch.no_grad():
+                    sampler_mean, _ = objective.reference.step_distribution(z_t, t, s, cond.node_mask,
+                                                                            cond.context, cfg.eta)
+            uniform = 1.0 / pool_size
+            ratio = (weights / uniform).view(-1, *([1] * (mean.dim() - 1)))
+            target = mean.detach() + ratio * (z_s - mean.detach()) - (z_s - sampler_mean)
+            row_weights = torch.full_like(weights, uniform)
+        else:
+            target, row_weights = z_s, weights
+        nll = 0.5 * model.sq_norm(mean - target, cond.node_mask) / scale**2 / model.dof(z_t, cond.node_mask)
+        total = total + (row_weights * nll).sum()
+    return total / len(picks)
