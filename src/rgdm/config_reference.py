@@ -70,7 +70,7 @@ def table(cls: type, prefix: str = "") -> list[str]:
 
 def reference_markdown() -> str:
     lines = ["# Configuration reference", "",
-             "Generated from the dataclasses in `src/rgdm/config.py` by "
+             "Generated from the dataclasses in `src/rgdm/config.py` and `config_methods.py` by "
              "`python -m rgdm.config_reference`; `tests/test_config_reference.py` keeps it in sync.",
              "Unknown keys, wrong types, out-of-range values and non-finite numbers (`.nan`, `.inf`) are rejected "
              "with one line naming the key. A run `name` is one directory under `runs/`: no `/` or `\\`, "
