@@ -69,6 +69,9 @@ SETTINGS: dict[str, dict] = {
     "shipped replay=4": {**SHIPPED, "replay": 4},
     "window t_max=0.5": {**WINDOW, "explore_t_max": 0.5},
     "window tau=0.25": {**WINDOW, "tau": 0.25},
+    # one continuation per candidate, the calls spent on more explored states instead
+    "window M=1": {**WINDOW, "lookahead_samples": 1, "explore_steps": 4},
+    "window M=1 K=4": {**WINDOW, "lookahead_samples": 1, "num_candidates": 4, "explore_steps": 8},
 }
 # Sequence-level RGDM at the baselines' batch, with its weighted batches replayed for more optimizer
 # steps per reward call (exact: the weights compare the pay-off with the policy that sampled them).
