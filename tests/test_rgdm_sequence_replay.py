@@ -107,8 +107,9 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
 def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_reference: bool = False,
                                 loss: str = "denoising"):
     """Sequence RGDM on the closed form with roll-outs of the frozen reference (the ratio is exactly 1),
-    pooled over 4 batches and replayed twice; yields (steps, exact mean, exact covariance, target mean,
-    target covariance). ``break_reference`` lets the "reference" follow the policy (plain RWR with a pool)."""
+    pooled over 4 batches (2 for the path loss) and replayed twice; yields (steps, exact mean, exact
+    covariance, target mean, target covariance). ``break_reference`` lets the "reference" follow the
+    policy (plain RWR with a pool)."""
     from rgdm.config import TrainConfig
     from rgdm.diffusion.analytic import exact_moments, gaussian_payoff
     from rgdm.training.loop import Trainer
@@ -118,10 +119,11 @@ def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_referenc
     model = standard_gaussian_diffusion(dim=2, timesteps=200)
     reference_moments = exact_moments(standard_gaussian_diffusion(dim=2, timesteps=200), 50)
     target_mean, target_cov = (v.float() for v in gaussian_payoff(*reference_moments, "linear", tau, a=a))
-    batch = 128 if loss == "denoising" else 64  # the path loss trains all 50 steps of every trajectory
+    # the path loss trains all 50 steps of every pooled trajectory: a smaller batch and pool keep it fast
+    batch, pool = (128, 4) if loss == "denoising" else (64, 2)
     config = RGDMConfig(variant="sequence", sampling_steps=50, batch_size=batch, tau=tau, normalize_rewards=False,
-                        sequence_loss=loss, sequence_proposal="reference", sequence_pool=4,
-                        sequence_replay=2, denoising_repeats=1)
+                        sequence_loss=loss, sequence_proposal="reference", sequence_pool=pool, sequence_replay=2,
+                        denoising_repeats=1)
     objective = RGDMObjective(model, GaussianTask(2, lambda x: x @ a), config)
     if break_reference:
         objective.reference = model
@@ -139,7 +141,7 @@ def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_referenc
 @pytest.mark.parametrize("loss", ["denoising", "path"])
 def test_reference_proposal_with_pool_and_replay_lands_on_the_payoff(tmp_path, loss):
     """The fit is the pay-off N(C0 a / tau, C0) of the closed form, and it stays there: reusing each batch
-    (4 pooled, 2 replays) does not re-tilt anything, because the samples are the reference's."""
+    (pooled, replayed twice) does not re-tilt anything, because the samples are the reference's."""
     for steps, mean, cov, target_mean, target_cov in fit_from_reference_rollouts(tmp_path, (60, 120), loss=loss):
         assert (mean - target_mean).norm() < 0.1 * target_mean.norm(), f"{steps} steps: mean {mean} vs {target_mean}"
         assert (cov - target_cov).abs().max() < 0.1, f"{steps} steps: covariance {cov} vs {target_cov}"
