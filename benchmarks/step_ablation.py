@@ -69,6 +69,11 @@ SETTINGS: dict[str, dict] = {
     "shipped replay=4": {**SHIPPED, "replay": 4},
     "window t_max=0.5": {**WINDOW, "explore_t_max": 0.5},
     "window tau=0.25": {**WINDOW, "tau": 0.25},
+    # the last explored batches regressed on together: more optimizer steps per call, each on more states
+    "window pool=4": {**WINDOW, "explored_pool": 4},
+    "window pool=4 replay=8": {**WINDOW, "explored_pool": 4, "replay": 8},
+    "window pool=2 replay=8": {**WINDOW, "explored_pool": 2, "replay": 8},
+    "window pool=4 replay=16": {**WINDOW, "explored_pool": 4, "replay": 16},
     # one continuation per candidate, the calls spent on more explored states instead
     "window M=1": {**WINDOW, "lookahead_samples": 1, "explore_steps": 4},
     "window M=1 K=4": {**WINDOW, "lookahead_samples": 1, "num_candidates": 4, "explore_steps": 8},

@@ -89,6 +89,28 @@ def test_replay_reuses_an_explored_batch_without_new_reward_calls():
     assert fresh.reward_calls == 3 * per_batch
 
 
+def test_explored_pool_regresses_on_the_last_explored_batches():
+    """explored_pool = 3: each step explores afresh (replay 1) and regresses on the last three explored
+    batches at once; the pooled loss is the mean of the batches' own losses (equal numbers of states)."""
+    objective = gaussian_objective(replay=1, explored_pool=3, explore_steps=2)
+    model = copy.deepcopy(objective.reference).requires_grad_(True)
+    calls = []
+    for step in range(4):
+        loss, _ = objective.loss(model, step)
+        calls.append(objective.reward_calls)
+    assert [cached[0] for cached in objective._explored] == [1, 2, 3]
+    assert calls == [calls[0] * (i + 1) for i in range(4)]  # no batch is reused without new calls
+    pool = list(objective._explored)
+    pooled, _ = objective._step_loss(model, None, None, step=3)
+    single = []
+    for cached in pool:
+        objective._explored, objective._replay_cache = [cached], cached
+        single.append(objective._step_loss(model, None, None, step=cached[0])[0])
+    torch.testing.assert_close(pooled, torch.stack(single).mean())
+    # Negative control: without a pool only the newest batch is regressed on.
+    assert not gaussian_objective(replay=1, explore_steps=2)._explored
+
+
 def test_exploration_at_sampling_time_pays_only_inside_the_window():
     model = standard_gaussian_diffusion(dim=2, timesteps=100)
     config = RGDMConfig(sampling_steps=20, num_candidates=4, explore_t_max=0.3, normalize_rewards=False,
@@ -188,7 +210,8 @@ def test_continuation_lookahead_on_molecules_counts_every_reward_call(molecule_o
     assert torch.isfinite(loss) and 0 < metrics["ess"] <= k
 
 
-def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
+@pytest.mark.parametrize("explored_pool", [1, 2])
+def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_pool):
     """A checkpoint taken between explorations carries the replayed batch: the resumed run goes on
     with it and ends where the uninterrupted run does."""
     from rgdm.config import FinetuneConfig, TrainConfig
@@ -199,7 +222,8 @@ def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
         return FinetuneConfig(
             name="ft", base=str(tiny_pretrained), reward={"name": "qed", "method": "edm", "backend": "inline"},
             rgdm=RGDMConfig(batch_size=3, sampling_steps=6, num_candidates=4, explore_steps=1, replay=2,
-                            explore_t_max=0.5, lookahead="continuation", lookahead_samples=2, lookahead_steps=0),
+                            explore_t_max=0.5, lookahead="continuation", lookahead_samples=2, lookahead_steps=0,
+                            explored_pool=explored_pool),
             train=TrainConfig(steps=steps, lr=1e-3, ema_decay=0.0, log_every=1, val_every=100, checkpoint_every=100),
             eval_samples=0).validate()
 
@@ -209,6 +233,7 @@ def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
     finetune(config(4), tmp_path / "a", progress=False, tensorboard=False)
     finetune(config(3), tmp_path / "b", progress=False, tensorboard=False)  # checkpoint mid-way through a replay
     assert "replay_cache" in final(tmp_path / "b")["objective"]
+    assert len(final(tmp_path / "b")["objective"].get("explored_pool", [])) == (2 if explored_pool > 1 else 0)
     finetune(config(4), tmp_path / "b", resume=True, progress=False, tensorboard=False)
     a, b = final(tmp_path / "a"), final(tmp_path / "b")
     assert a["objective"]["reward_calls"] == b["objective"]["reward_calls"]

@@ -24,6 +24,7 @@ class RGDMConfig:
     explore_steps: int = 2  # explored states per roll-out per iteration (step variant)
     explore_t_max: float = 0.3  # explore only steps t -> s with t <= explore_t_max * T (1 = the whole horizon)
     replay: int = 4  # step variant: optimizer steps per explored batch (targets are relative to pi_ref, so reusable)
+    explored_pool: int = 1  # step variant: the loss regresses on the last this many explored batches at once
     shift: str = "random"  # feasible shifts: "none", "random", "best_probe", "finite_difference"
     radius: float = 0.5  # exploration radius rho
     radius_units: str = "std"  # unit of rho: "std" (step std), "noise_norm" (std * sqrt(dof)) or "absolute"
@@ -67,7 +68,7 @@ class RGDMConfig:
         _check_range("rgdm.lookahead_steps", self.lookahead_steps, low=0)
         for key in ("batch_size", "num_candidates", "explore_steps", "num_probes",
                     "lookahead_samples", "normalizer_buffer", "normalizer_min_count", "mle_batch_size",
-                    "denoising_repeats", "replay", "sequence_replay",
+                    "denoising_repeats", "replay", "explored_pool", "sequence_replay",
                     "sequence_pool"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=1)
         _check_range("rgdm.sampling_steps", self.sampling_steps, low=0)

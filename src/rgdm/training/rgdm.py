@@ -81,6 +81,7 @@ class RGDMObjective:
         self.reward_calls = 0  # over all ranks
         self._local_calls = 0  # this rank's calls during the current step
         self._replay_cache: tuple | None = None  # (step, shard, explored items, metrics) while replayed
+        self._explored: list[tuple] = []  # the last ``explored_pool`` explorations (when > 1), newest last
         self._pool: list[ScoredRollouts] = []  # sequence variant: the batches the loss is fitted on
         self.seed = seed
 
@@ -204,24 +205,31 @@ class RGDMObjective:
         explored batch stays a valid target while the policy moves: ``replay`` > 1 takes that many
         optimizer steps per batch of reward calls (only the policy's own step mean is recomputed).
         """
+        cfg = self.config
         cached = self._replay_cache
         if not self.replaying(step):
             cached = (step, *self._explore_batch(model, shard, generator))
-            self._replay_cache = cached if self.config.replay > 1 else None
-        _, shard, items, metrics = cached
-        cfg, cond = self.config, shard.conditions
+            self._replay_cache = cached if cfg.replay > 1 or cfg.explored_pool > 1 else None
+            self._explored = [*self._explored, cached][-cfg.explored_pool:] if cfg.explored_pool > 1 else []
+        # ``explored_pool`` > 1: the last explored batches together (each target is exact whenever it was
+        # explored), so an optimizer step averages more states at no extra reward call.
+        explorations = self._explored or [cached]
+        count = sum(len(items) for _, _, items, _ in explorations)
         total = 0.0
-        for z_t, t_int, s_int, exp, weights in items:
-            t, s = self._times(t_int, s_int, cond.batch_size)
-            mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
-            scale = self._step_scale(model, std, t, s)
-            step_loss = self._regression_loss(model, mean, scale, exp, weights, cond).sum()
-            if cfg.kl_weight > 0:
-                ref_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
-                kl = self._kl_to_reference(model, mean, ref_mean, scale, cond.node_mask)
-                step_loss = step_loss + cfg.kl_weight * kl.sum()
-            total = total + step_loss / shard.global_size / len(items)  # this rank's share of the mean
-        return total, dict(metrics)
+        for _, shard, items, _ in explorations:
+            cond = shard.conditions
+            for z_t, t_int, s_int, exp, weights in items:
+                t, s = self._times(t_int, s_int, cond.batch_size)
+                mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+                scale = self._step_scale(model, std, t, s)
+                step_loss = self._regression_loss(model, mean, scale, exp, weights, cond).sum()
+                if cfg.kl_weight > 0:
+                    ref_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context,
+                                                                   cfg.eta)
+                    kl = self._kl_to_reference(model, mean, ref_mean, scale, cond.node_mask)
+                    step_loss = step_loss + cfg.kl_weight * kl.sum()
+                total = total + step_loss / shard.global_size / count  # this rank's share of the mean
+        return total, dict(cached[3])
 
     @torch.no_grad()
     def _explore_batch(self, model: GaussianDiffusion, shard: BatchShard, generator) -> tuple[BatchShard, list, dict]:
@@ -299,6 +307,8 @@ class RGDMObjective:
                  "task": self.task.state_dict(), "reference": self.reference.state_dict()}
         if self._replay_cache is not None:
             state["replay_cache"] = replay_to_state(self._replay_cache)
+        if self._explored:
+            state["explored_pool"] = [replay_to_state(cached) for cached in self._explored]
         if self._pool:
             state["sequence_pool"] = pool_to_state(self._pool)
         return state
@@ -313,6 +323,7 @@ class RGDMObjective:
         single = distributed.world_size() == 1
         cached = state.get("replay_cache")
         self._replay_cache = replay_from_state(cached) if cached is not None and single else None
+        self._explored = [replay_from_state(cached) for cached in state.get("explored_pool", [])] if single else []
         pool = state.get("sequence_pool", []) if single else []
         self._pool = pool_from_state(pool)
 
