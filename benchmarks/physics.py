@@ -6,7 +6,9 @@ Every method starts from the shipped heavy-atom model (``qm9-noh-small``), is fi
 ``rgdm finetune``'s code path (:func:`rgdm.training.finetune.finetune`) on the ``physics`` reward
 (excess valence + extra fragments + capped GFN2-xTB force RMS on the hydrogen-completed geometry,
 see :mod:`rgdm.rewards.physics`) and spends the same number of reward calls: ``iterations`` batches
-of ``batch`` roll-outs of ``steps`` reverse steps. All methods get the same data term
+of ``batch`` roll-outs of ``steps`` reverse steps (``rgdm_step``, the step level's default recipe,
+explores batches of 4 roll-outs at about 125 calls each; it runs as many as spend about the same calls,
+and the table gives the calls each method spent). All methods get the same data term
 (``lambda_mle``, the denoising loss on QM9) and the same learning rate. Then ``samples`` molecules
 (same seed, same sampler) are scored with
 
@@ -31,7 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-METHODS = ("rgdm", "ppo", "rwr", "ddpo")
+METHODS = ("rgdm", "rgdm_step", "ppo", "rwr", "ddpo")
+# The step level's default recipe spends B + B · explore_steps · K · M calls per explored batch (K calls
+# instead of K · M when the explored step ends at t = 0): about 125 at B = 4, K = 8, 2 states, M = 2.
+STEP_BATCH, STEP_CALLS_PER_EXPLORATION = 4, 125
 METRICS = ("validity", "connected_validity", "single_fragment", "uniqueness", "novelty", "reward_mean")
 
 
@@ -41,6 +46,8 @@ def method_settings(method: str, args: argparse.Namespace) -> dict:
               "mle_batch_size": args.batch}
     if method == "rgdm":
         return {"rgdm": {**common, "variant": "sequence", "tau": args.tau}}
+    if method == "rgdm_step":  # the default recipe (window, continuations, replay), at its own batch
+        return {"rgdm": {**common, "variant": "step", "batch_size": STEP_BATCH, "tau": args.tau}}
     replay = {"inner_epochs": args.ppo_epochs, "minibatches": args.ppo_minibatches,
               "timestep_fraction": args.ppo_timestep_fraction}
     if method == "ppo":  # RLPF's PPO-clip: batch-normalised advantages, several updates per batch
@@ -53,8 +60,18 @@ def method_settings(method: str, args: argparse.Namespace) -> dict:
 
 
 def updates_per_collection(method: str, config) -> int:
-    """Optimizer steps per batch of roll-outs (PPO replays each batch several times)."""
+    """Optimizer steps per batch of roll-outs (PPO replays each batch several times, the step level
+    each explored batch ``replay`` times)."""
+    if method == "rgdm_step":
+        return config.method_config.replay
     return config.method_config.updates_per_batch if method in ("ppo", "ddpo") else 1
+
+
+def collections(method: str, args: argparse.Namespace) -> int:
+    """Batches of roll-outs (explorations for the step level) that spend about the same reward calls
+    as ``iterations`` batches of ``batch`` single-call roll-outs."""
+    budget = args.iterations * args.batch
+    return max(1, round(budget / STEP_CALLS_PER_EXPLORATION)) if method == "rgdm_step" else args.iterations
 
 
 def reward_config(args: argparse.Namespace) -> dict:
@@ -126,20 +143,22 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     values = to_dict(FinetuneConfig())
-    values.update({"name": run_dir.name, "base": args.base, "method": method, "reward": reward_config(args),
+    values.update({"name": run_dir.name, "base": args.base, "method": "rgdm" if method == "rgdm_step" else method,
+                   "reward": reward_config(args),
                    "eval_samples": 0, **method_settings(method, args)})
     config = from_dict(FinetuneConfig, values)
     updates = updates_per_collection(method, config)
-    config.train = TrainConfig(steps=args.iterations * updates, lr=args.lr, ema_decay=0.0, grad_clip=1.0, seed=seed,
-                               log_every=updates, val_every=10**9, checkpoint_every=args.iterations * updates,
-                               num_threads=1)
+    steps = collections(method, args) * updates
+    config.train = TrainConfig(steps=steps, lr=args.lr, ema_decay=0.0, grad_clip=1.0, seed=seed,
+                               log_every=updates, val_every=10**9, checkpoint_every=steps, num_threads=1)
     config.validate()
     started = time.perf_counter()
     trainer = finetune(config, run_dir, progress=False, tensorboard=False, device=args.device)
     seconds = time.perf_counter() - started
-    calls = trainer.objective.reward_calls
-    if calls != args.iterations * args.batch:
-        raise RuntimeError(f"{method}: {calls} reward calls, expected {args.iterations * args.batch}")
+    calls, budget = trainer.objective.reward_calls, args.iterations * args.batch
+    # one call per roll-out for the sequence methods; the step level's count varies with the explored steps
+    if (calls != budget) if method != "rgdm_step" else not 0.85 * budget <= calls <= 1.15 * budget:
+        raise RuntimeError(f"{method}: {calls} reward calls, expected {budget}")
     result = {"method": method, "seed": seed, "reward_calls": calls, "train_seconds": seconds,
               "optimizer_steps": trainer.step, **evaluate(trainer.model, args)}
     result["config"] = to_dict(config)
@@ -194,7 +213,8 @@ def table(base: dict, results: dict[str, list[dict]]) -> str:
     for method, runs in results.items():
         cells = [mean_se([r[m] for r in runs]) for m in METRICS]
         minutes = np.mean([r["train_seconds"] for r in runs]) / 60
-        lines.append(f"| {method} | {len(runs)} | {runs[0]['reward_calls']} | " + " | ".join(cells)
+        calls = np.mean([r["reward_calls"] for r in runs])
+        lines.append(f"| {method} | {len(runs)} | {calls:,.0f} | " + " | ".join(cells)
                      + f" | {minutes:.1f} |")
     return "\n".join(lines)
 
