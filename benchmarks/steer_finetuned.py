@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from amortisation import diversity
-from step_ablation import REWARDS, fine_tune, mean_se, training_task
+from step_ablation import REWARDS, add_fine_tuning_arguments, fine_tune, mean_se, training_task
 
 SAMPLERS = ("plain", "best_of_2", "smc", "svdd")
 
@@ -131,19 +131,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", default="window", help="a setting of benchmarks/step_ablation.py")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--reward", choices=sorted(REWARDS), default="qed")
     parser.add_argument("--budget", type=int, default=792, help="training reward calls of the fine-tuning")
-    parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and every sampler")
+    add_fine_tuning_arguments(parser)  # --reward, --steps (also every sampler's), --batch, --tau, --lr, ...
     parser.add_argument("--samples", type=int, default=128, help="molecules per model and sampler")
     parser.add_argument("--smc-k", type=int, default=4)
     parser.add_argument("--smc-tau", type=float, default=0.05)
     parser.add_argument("--svdd-m", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4, help="step-level roll-outs per exploration")
-    parser.add_argument("--baseline-batch", type=int, default=16, help="sequence-level roll-outs per iteration")
-    parser.add_argument("--tau", type=float, default=0.5, help="temperature in reward standard deviations")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--lambda-mle", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/steer_finetuned"))
     parser.add_argument("--report", action="store_true", help="only print the table of finished runs")
     args = parser.parse_args()

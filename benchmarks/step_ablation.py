@@ -261,23 +261,28 @@ def table(runs: dict[str, list[dict]], base: dict | None, budget: int, reward: s
     return "\n".join(lines)
 
 
+def add_fine_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``fine_tune`` and ``make_objective`` read (shared with ``steer_finetuned.py``)."""
+    parser.add_argument("--reward", choices=sorted(REWARDS), default="qed")
+    parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and evaluation samples")
+    parser.add_argument("--batch", type=int, default=4, help="roll-outs per step-level exploration")
+    parser.add_argument("--baseline-batch", type=int, default=16, help="roll-outs per sequence-level iteration")
+    parser.add_argument("--tau", type=float, default=0.5, help="temperature in reward standard deviations")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lambda-mle", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--reward", choices=sorted(REWARDS), default="qed")
-    parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and evaluation samples")
     parser.add_argument("--budget", type=int, default=792, help="reward calls per step-level run")
     parser.add_argument("--baseline-factor", type=int, default=3, help="baselines get this many times the budget")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated setting names "
                         "(step level: SETTINGS; sequence level: SEQUENCE_SETTINGS)")
     parser.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated, or empty")
-    parser.add_argument("--batch", type=int, default=4, help="roll-outs per step-level exploration")
-    parser.add_argument("--baseline-batch", type=int, default=16, help="roll-outs per baseline iteration")
-    parser.add_argument("--tau", type=float, default=0.5, help="temperature in reward standard deviations")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--lambda-mle", type=float, default=1.0)
+    add_fine_tuning_arguments(parser)
     parser.add_argument("--eval-samples", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/step_ablation"))
     parser.add_argument("--report", action="store_true", help="only print the table of finished runs")
     args = parser.parse_args()
