@@ -166,7 +166,8 @@ class RGDMObjective:
         metrics.update(task_stats(self.task))
         return loss, metrics
 
-    def _weights(self, values: Tensor, log_base: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _weights(self, values: Tensor, log_base: Tensor, targets: Tensor | None,
+                 fit_normalizer: bool = True) -> tuple[Tensor, Tensor]:
         """Self-normalised pay-off weights along the candidates' dim and the temperature used, per row.
 
         ``values`` is [rows, K] or [rows, K, M] (M look-ahead samples), ``log_base`` [rows, K] and
@@ -174,10 +175,12 @@ class RGDMObjective:
         invalid samples' penalties included: fitted on valid ones only, a fixed penalty would become a
         huge negative z-score, and the weights a validity filter at a far lower effective temperature.
         Called with the *global* batch's values on every rank, so that the normaliser's state and the
-        weights are identical across ranks (and to a single-process run).
+        weights are identical across ranks (and to a single-process run). ``fit_normalizer=False``
+        reweights values the normaliser has already seen (a replayed or pooled batch). The jackknife
+        (over antithetic candidate groups) is the step variant's.
         """
         cfg = self.config
-        if cfg.normalize_rewards:
+        if cfg.normalize_rewards and fit_normalizer:
             self.normalizer.update(values.reshape(-1), _per_value(targets, values))
         scaled = self._scaled(values, targets)
         if cfg.adapt_tau:
@@ -186,7 +189,7 @@ class RGDMObjective:
             tau = torch.full(log_base.shape[:-1], cfg.tau, dtype=values.dtype, device=values.device)
         log_weights = payoff_log_weights(scaled, tau, log_base)
         groups = log_base.shape[-1] // (2 if cfg.antithetic else 1)
-        if cfg.weight_normalisation == "jackknife" and groups >= 2:
+        if cfg.weight_normalisation == "jackknife" and cfg.variant == "step" and groups >= 2:
             return jackknife_weights(log_weights, groups), tau
         return torch.softmax(log_weights, dim=-1), tau
 

@@ -21,8 +21,6 @@ from torch import Tensor
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.payoff_weights import (
     effective_sample_size,
-    payoff_log_weights,
-    temperature_for_ess,
     truncate_weights,
 )
 from rgdm.training.rollouts import collect_trajectories, reward_metrics, weighted_denoising_loss
@@ -108,10 +106,9 @@ def pool_weights(objective: RGDMObjective, pool: list[ScoredRollouts]) -> tuple[
     log_ratio = torch.cat([b.log_ratio for b in pool])
     targets = [b.shard.global_conditions.targets for b in pool]
     targets = None if targets[0] is None else torch.cat(targets)
-    scaled = objective._scaled(values, targets)
-    tau = (temperature_for_ess(scaled.unsqueeze(0), log_ratio.unsqueeze(0), cfg.target_ess * len(values))
-           if cfg.adapt_tau else torch.full((1,), cfg.tau, dtype=values.dtype, device=values.device))
-    weights = torch.softmax(payoff_log_weights(scaled.unsqueeze(0), tau, log_ratio.unsqueeze(0)), -1).squeeze(0)
+    weights, tau = objective._weights(values.unsqueeze(0), log_ratio.unsqueeze(0),
+                                      None if targets is None else targets.unsqueeze(0), fit_normalizer=False)
+    weights = weights.squeeze(0)
     ess = effective_sample_size(torch.log(weights.clamp(min=1e-30))).item()
     if cfg.truncate_weights:
         weights = truncate_weights(weights)
