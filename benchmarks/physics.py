@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-METHODS = ("rgdm", "rgdm_step", "ppo", "rwr", "ddpo")
+METHODS = ("rgdm", "rgdm_step", "rgdm_reference", "ppo", "rwr", "ddpo", "data_only")
 # The step level's default recipe spends B + B · explore_steps · K · M calls per explored batch (K calls
 # instead of K · M when the explored step ends at t = 0): about 125 at B = 4, K = 8, 2 states, M = 2.
 STEP_BATCH, STEP_CALLS_PER_EXPLORATION = 4, 125
@@ -46,6 +46,9 @@ def method_settings(method: str, args: argparse.Namespace) -> dict:
               "mle_batch_size": args.batch}
     if method == "rgdm":
         return {"rgdm": {**common, "variant": "sequence", "tau": args.tau}}
+    if method == "rgdm_reference":  # exact pay-off of the frozen base: pooled, replayed reference roll-outs
+        return {"rgdm": {**common, "variant": "sequence", "tau": args.tau, "sequence_proposal": "reference",
+                         "sequence_pool": args.pool, "sequence_replay": args.replay}}
     if method == "rgdm_step":  # the default recipe (window, continuations, replay), at its own batch
         return {"rgdm": {**common, "variant": "step", "batch_size": STEP_BATCH, "tau": args.tau}}
     replay = {"inner_epochs": args.ppo_epochs, "minibatches": args.ppo_minibatches,
@@ -64,6 +67,8 @@ def updates_per_collection(method: str, config) -> int:
     each explored batch ``replay`` times)."""
     if method == "rgdm_step":
         return config.method_config.replay
+    if method == "rgdm_reference":
+        return config.method_config.sequence_replay
     return config.method_config.updates_per_batch if method in ("ppo", "ddpo") else 1
 
 
@@ -134,23 +139,57 @@ def code_version() -> dict[str, str]:
     return {"git_head": head, "objectives_sha1": hashlib.sha1(source.encode()).hexdigest()[:12]}
 
 
+def train_config(steps: int, seed: int, args: argparse.Namespace, log_every: int = 1):
+    from rgdm.config import TrainConfig
+
+    return TrainConfig(steps=steps, lr=args.lr, ema_decay=args.ema, grad_clip=1.0, seed=seed,
+                       log_every=log_every, val_every=10**9, checkpoint_every=steps, num_threads=1)
+
+
+def run_data_only(seed: int, args: argparse.Namespace, run_dir: Path) -> dict:
+    """The control without a reward: ``iterations`` optimizer steps of the data term alone (λ_mle · the
+    denoising loss on ``batch`` QM9 molecules), with every method's optimizer, clip, EMA and learning
+    rate. What it loses against the base is what the fine-tuning protocol itself costs."""
+    from rgdm.runs import load_model, load_training_data
+    from rgdm.training.loop import Trainer
+    from rgdm.training.mle import DenoisingObjective
+    from rgdm.training.tasks import DATA_NOISE_OFFSET
+
+    loaded = load_model(args.base, device=args.torch_device)
+    torch.manual_seed(seed)
+    objective = DenoisingObjective(load_training_data(loaded.config), args.batch, seed, args.torch_device,
+                                   noise_offset=DATA_NOISE_OFFSET)
+    config = train_config(args.iterations, seed, args)
+    run_info = {"kind": "finetune", "config": {"data_only": True}, "model_spec": loaded.spec.to_dict()}
+    trainer = Trainer(loaded.model.train(), objective, config, run_dir, run_info, tensorboard=False, progress=False)
+    started = time.perf_counter()
+    trainer.fit()
+    return {"method": "data_only", "seed": seed, "reward_calls": 0, "train_seconds": time.perf_counter() - started,
+            "optimizer_steps": trainer.step, **evaluate(trainer.sampling_model, args)}
+
+
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
-    from rgdm.config import FinetuneConfig, TrainConfig, from_dict, to_dict
+    from rgdm.config import FinetuneConfig, from_dict, to_dict
     from rgdm.training.finetune import finetune
 
     run_dir = args.out / f"{method}-s{seed}"
     done = run_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
+    if method == "data_only":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        result = run_data_only(seed, args, run_dir)
+        result["code"] = args.code
+        done.write_text(json.dumps(result, indent=2))
+        return result
     values = to_dict(FinetuneConfig())
-    values.update({"name": run_dir.name, "base": args.base, "method": "rgdm" if method == "rgdm_step" else method,
+    values.update({"name": run_dir.name, "base": args.base, "method": "rgdm" if method.startswith("rgdm") else method,
                    "reward": reward_config(args),
                    "eval_samples": 0, **method_settings(method, args)})
     config = from_dict(FinetuneConfig, values)
     updates = updates_per_collection(method, config)
     steps = collections(method, args) * updates
-    config.train = TrainConfig(steps=steps, lr=args.lr, ema_decay=0.0, grad_clip=1.0, seed=seed,
-                               log_every=updates, val_every=10**9, checkpoint_every=steps, num_threads=1)
+    config.train = train_config(steps, seed, args, log_every=updates)
     config.validate()
     started = time.perf_counter()
     trainer = finetune(config, run_dir, progress=False, tensorboard=False, device=args.device)
@@ -160,7 +199,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     if (calls != budget) if method != "rgdm_step" else not 0.85 * budget <= calls <= 1.15 * budget:
         raise RuntimeError(f"{method}: {calls} reward calls, expected {budget}")
     result = {"method": method, "seed": seed, "reward_calls": calls, "train_seconds": seconds,
-              "optimizer_steps": trainer.step, **evaluate(trainer.model, args)}
+              "optimizer_steps": trainer.step, **evaluate(trainer.sampling_model, args)}
     result["config"] = to_dict(config)
     result["code"] = args.code
     done.write_text(json.dumps(result, indent=2))
@@ -228,8 +267,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="reverse steps of roll-outs and evaluation samples")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="EMA decay of the weights (0: none); the evaluation samples the EMA model")
     parser.add_argument("--tau", type=float, default=0.25, help="RGDM temperature (RWR: beta = 1 / tau)")
     parser.add_argument("--lambda-mle", type=float, default=1.0, help="data term of every method")
+    parser.add_argument("--pool", type=int, default=8, help="rgdm_reference: batches weighted jointly")
+    parser.add_argument("--replay", type=int, default=4, help="rgdm_reference: optimizer steps per batch")
     parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO/DDPO passes over each batch")
     parser.add_argument("--ppo-minibatches", type=int, default=1, help="PPO/DDPO updates per pass")
     parser.add_argument("--ppo-timestep-fraction", type=float, default=0.2, help="steps of each trajectory per update")
@@ -249,6 +292,8 @@ def main() -> None:
         args.torch_device = resolve_device(args.device)  # a clear error before any run starts
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
+    if "data_only" in args.methods.split(",") and args.lambda_mle == 0:
+        raise SystemExit("error: the data_only control trains the data term alone; it needs --lambda-mle > 0")
     if args.ship:
         print(f"wrote {ship(args.ship, args)}")
         return
