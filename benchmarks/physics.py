@@ -178,10 +178,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         return json.loads(done.read_text())
     if method == "data_only":
         run_dir.mkdir(parents=True, exist_ok=True)
-        result = run_data_only(seed, args, run_dir)
-        result["code"] = args.code
-        done.write_text(json.dumps(result, indent=2))
-        return result
+        return save_result(run_data_only(seed, args, run_dir), done, args)
     values = to_dict(FinetuneConfig())
     values.update({"name": run_dir.name, "base": args.base, "method": "rgdm" if method.startswith("rgdm") else method,
                    "reward": reward_config(args),
@@ -201,8 +198,13 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     result = {"method": method, "seed": seed, "reward_calls": calls, "train_seconds": seconds,
               "optimizer_steps": trainer.step, **evaluate(trainer.sampling_model, args)}
     result["config"] = to_dict(config)
+    return save_result(result, done, args)
+
+
+def save_result(result: dict, path: Path, args: argparse.Namespace) -> dict:
+    """Stamp ``result`` with the code version and write it as the run's finished marker."""
     result["code"] = args.code
-    done.write_text(json.dumps(result, indent=2))
+    path.write_text(json.dumps(result, indent=2))
     return result
 
 
