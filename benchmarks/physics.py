@@ -44,11 +44,13 @@ def method_settings(method: str, args: argparse.Namespace) -> dict:
     """The ``rgdm finetune`` config section of each method; one reward call per roll-out for all."""
     common = {"batch_size": args.batch, "sampling_steps": args.steps, "lambda_mle": args.lambda_mle,
               "mle_batch_size": args.batch}
+    sequence = {**common, "variant": "sequence", "tau": args.tau, "sequence_loss": args.sequence_loss,
+                "path_steps": args.path_steps}
     if method == "rgdm":
-        return {"rgdm": {**common, "variant": "sequence", "tau": args.tau}}
+        return {"rgdm": sequence}
     if method == "rgdm_reference":  # exact pay-off of the frozen base: pooled, replayed reference roll-outs
-        return {"rgdm": {**common, "variant": "sequence", "tau": args.tau, "sequence_proposal": "reference",
-                         "sequence_pool": args.pool, "sequence_replay": args.replay}}
+        return {"rgdm": {**sequence, "sequence_proposal": "reference", "sequence_pool": args.pool,
+                         "sequence_replay": args.replay}}
     if method == "rgdm_step":  # the default recipe (window, continuations, replay), at its own batch
         return {"rgdm": {**common, "variant": "step", "batch_size": STEP_BATCH, "tau": args.tau}}
     replay = {"inner_epochs": args.ppo_epochs, "minibatches": args.ppo_minibatches,
@@ -126,6 +128,15 @@ def evaluate(model, args: argparse.Namespace) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def evaluations(trainer, args: argparse.Namespace) -> dict:
+    """The metrics of the model the run samples (the EMA one with ``--ema``); with an EMA, the raw
+    weights' metrics too, under ``raw`` (same sampling seed), so one run shows what the average buys."""
+    result = evaluate(trainer.sampling_model, args)
+    if trainer.ema is not None:
+        result["raw"] = evaluate(trainer.model, args)
+    return result
+
+
 def code_version() -> dict[str, str]:
     """The commit and a hash of the objectives' source at start-up (the working tree may be ahead of HEAD)."""
     import hashlib
@@ -165,7 +176,7 @@ def run_data_only(seed: int, args: argparse.Namespace, run_dir: Path) -> dict:
     started = time.perf_counter()
     trainer.fit()
     return {"method": "data_only", "seed": seed, "reward_calls": 0, "train_seconds": time.perf_counter() - started,
-            "optimizer_steps": trainer.step, **evaluate(trainer.sampling_model, args)}
+            "optimizer_steps": trainer.step, **evaluations(trainer, args)}
 
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
@@ -196,7 +207,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     if (calls != budget) if method != "rgdm_step" else not 0.85 * budget <= calls <= 1.15 * budget:
         raise RuntimeError(f"{method}: {calls} reward calls, expected {budget}")
     result = {"method": method, "seed": seed, "reward_calls": calls, "train_seconds": seconds,
-              "optimizer_steps": trainer.step, **evaluate(trainer.sampling_model, args)}
+              "optimizer_steps": trainer.step, **evaluations(trainer, args)}
     result["config"] = to_dict(config)
     return save_result(result, done, args)
 
@@ -273,6 +284,9 @@ def main() -> None:
                         help="EMA decay of the weights (0: none); the evaluation samples the EMA model")
     parser.add_argument("--tau", type=float, default=0.25, help="RGDM temperature (RWR: beta = 1 / tau)")
     parser.add_argument("--lambda-mle", type=float, default=1.0, help="data term of every method")
+    parser.add_argument("--sequence-loss", default="denoising", choices=("denoising", "path"),
+                        help="sequence level: weighted denoising fit of x0, or the weighted path likelihood")
+    parser.add_argument("--path-steps", type=int, default=0, help="path loss: random steps per trajectory (0: all)")
     parser.add_argument("--pool", type=int, default=8, help="rgdm_reference: batches weighted jointly")
     parser.add_argument("--replay", type=int, default=4, help="rgdm_reference: optimizer steps per batch")
     parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO/DDPO passes over each batch")
@@ -310,7 +324,8 @@ def main() -> None:
             result = run_one(method, seed, args)
             results.setdefault(method, []).append(result)
             print(method, seed, f"{result['train_seconds']:.0f}s",
-                  json.dumps({m: round(result[m], 4) for m in METRICS}), flush=True)
+                  json.dumps({m: round(result[m], 4) for m in METRICS}),
+                  f"raw weights: validity {result['raw']['validity']:.3f}" if "raw" in result else "", flush=True)
             (args.out / "results.md").write_text(table(base, results) + "\n")
     print(table(base, results))
 
