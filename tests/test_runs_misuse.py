@@ -255,6 +255,31 @@ def test_the_before_row_is_the_same_for_every_method(tmp_path, tiny_pretrained):
     assert rows["rgdm"] == rows["rwr"]
 
 
+def test_the_after_row_samples_the_model_the_checkpoint_serves(tmp_path, tiny_pretrained, monkeypatch):
+    """With an EMA, the report's "after" model is the EMA copy that ``load_model`` (``rgdm sample``) loads,
+    not the raw weights the optimizer moved."""
+    import rgdm.report
+    from rgdm.runs import load_model
+    from rgdm.training.finetune import finetune_and_report
+
+    reported = {}
+
+    def capture(run_dir, base_model, tuned_model, *args, **kwargs):
+        reported["after"] = tuned_model
+        return {}
+
+    monkeypatch.setattr(rgdm.report, "finetune_report", capture)
+    config = tiny_finetune(tiny_pretrained, 2)
+    config.train.ema_decay = 0.5
+    config.eval_samples = 0
+    finetune_and_report(config.validate(), tmp_path / "ema", compare=2, progress=False)
+    served = load_model(tmp_path / "ema").model.state_dict()
+    after = reported["after"].state_dict()
+    assert all(torch.equal(after[k].cpu(), v.cpu()) for k, v in served.items())
+    raw = load_model(tmp_path / "ema", use_ema=False).model.state_dict()
+    assert not all(torch.equal(raw[k], v) for k, v in served.items())  # the EMA copy differs from the raw weights
+
+
 def test_full_disk_while_logging_metrics_is_one_line(workdir, capsys, monkeypatch):
     import errno
 

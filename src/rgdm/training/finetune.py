@@ -99,7 +99,8 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
                         command: str = "", progress: bool = True, sampling_steps: int = REPORT_SAMPLING_STEPS,
                         device: str = "cpu") -> dict[str, dict[str, float]] | None:
     """Fine-tune, then sample ``compare`` molecules before and after (``sampling_steps`` DDIM steps,
-    whatever the method trained with) and write ``report.md`` and ``report.html``."""
+    whatever the method trained with) and write ``report.md`` and ``report.html``. "After" is the model
+    the run's checkpoint samples: the EMA copy when ``train.ema_decay`` > 0, as ``rgdm sample`` loads it."""
     from rgdm.domains import domain_of_config
     from rgdm.report import finetune_report
     from rgdm.rewards import make_reward
@@ -111,6 +112,6 @@ def finetune_and_report(config: FinetuneConfig, run_dir: str | Path, resume: boo
     base.model.bf16_network = trainer.model.bf16_network
     with make_reward(config.reward) as reward:
         task = domain_of_config(config).build_task(config, base, base.model, reward)
-        return finetune_report(run_dir, base.model, trainer.model, task, compare, sampling_steps,
+        return finetune_report(run_dir, base.model, trainer.sampling_model, task, compare, sampling_steps,
                                config.reward["name"], config.target, command, seed=config.train.seed + 1,
                                progress=progress, reward_config=config.reward)
