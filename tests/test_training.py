@@ -106,3 +106,22 @@ def test_exponent_without_dot_is_a_number():
     assert from_dict(RunConfig, {"train": {"lr": "5e-5"}}).train.lr == 5e-5
     with pytest.raises(ConfigError, match="train.lr: expected a number"):
         from_dict(RunConfig, {"train": {"lr": "fast"}})
+
+
+def test_a_section_given_in_part_keeps_its_fields_own_defaults(tmp_path):
+    """``train: {steps: 100}`` in a fine-tuning file keeps fine-tuning's learning rate and EMA (not
+    TrainConfig's pre-training defaults), and ``ppo: {batch_size: 16}`` keeps PPO-clip's settings."""
+    from rgdm.config import FinetuneConfig, load_config, ppo_clip_defaults
+
+    path = tmp_path / "finetune.yaml"
+    path.write_text("base: qm9-noh-small\nmethod: ppo\ntrain:\n  steps: 100\nppo:\n  batch_size: 16\n")
+    config = load_config(path, FinetuneConfig)
+    defaults = FinetuneConfig()
+    assert config.train.steps == 100
+    assert (config.train.lr, config.train.ema_decay, config.train.grad_clip) == (
+        defaults.train.lr, defaults.train.ema_decay, defaults.train.grad_clip)
+    assert config.ppo.batch_size == 16
+    assert config.ppo.advantage_baseline == ppo_clip_defaults().advantage_baseline == "batch"
+    assert config.ppo.inner_epochs == ppo_clip_defaults().inner_epochs
+    # a complete section is taken as given, and a class-default section is unchanged
+    assert from_dict(RunConfig, {"train": {"steps": 7}}).train.lr == RunConfig().train.lr

@@ -49,7 +49,12 @@ REMOVED_KEYS = {
 
 
 def from_dict(cls: type, values: dict[str, Any] | None, path: str = "") -> Any:
-    """Build dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types.
+
+    A section given in part keeps the rest of *its field's* default, not its class's: ``train:
+    {steps: 100}`` in a fine-tuning file keeps fine-tuning's learning rate and EMA, and ``ppo:
+    {batch_size: 16}`` keeps PPO-clip's epochs and batch advantages (``FinetuneConfig`` builds
+    those sections with their own defaults)."""
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
@@ -62,8 +67,26 @@ def from_dict(cls: type, values: dict[str, Any] | None, path: str = "") -> Any:
             raise ConfigError(f"{where}: removed; {REMOVED_KEYS[key]}")
         if key not in fields:
             raise ConfigError(f"{where}: unknown key{_did_you_mean(str(key), fields)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = _merged(_field_default(fields[key]), value)
         kwargs[key] = _coerce(hints[key], value, where)
     return cls(**kwargs)
+
+
+def _field_default(field: dataclasses.Field) -> dict[str, Any]:
+    """The plain dict of a dataclass-valued field's default ({} when it has none)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return to_dict(field.default_factory())
+    return {} if field.default is dataclasses.MISSING else to_dict(field.default)
+
+
+def _merged(defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over ``defaults``, section by section (a nested mapping merges, a value replaces)."""
+    merged = dict(defaults)
+    for key, value in values.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_sections else value
+    return merged
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
