@@ -200,7 +200,11 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     config.train = train_config(steps, seed, args, log_every=updates)
     config.validate()
     started = time.perf_counter()
-    trainer = finetune(config, run_dir, progress=False, tensorboard=False, device=args.device)
+    try:
+        trainer = finetune(config, run_dir, progress=False, tensorboard=False, device=args.device)
+    except FloatingPointError as err:  # a diverged run is a result too: kept, counted, left out of the means
+        return save_result({"method": method, "seed": seed, "diverged": str(err), "config": to_dict(config)},
+                           done, args)
     seconds = time.perf_counter() - started
     calls, budget = trainer.objective.reward_calls, args.iterations * args.batch
     # one call per roll-out for the sequence methods; the step level's count varies with the explored steps
@@ -262,11 +266,17 @@ def table(base: dict, results: dict[str, list[dict]]) -> str:
     header = "| method | seeds | reward calls | " + " | ".join(METRICS) + " | train min |"
     lines = [header, "|" + "---|" * (len(METRICS) + 4)]
     lines.append("| base | - | 0 | " + " | ".join(f"{base[m]:.3f}" for m in METRICS) + " | - |")
-    for method, runs in results.items():
+    for method, all_runs in results.items():
+        runs = [r for r in all_runs if "diverged" not in r]
+        label = method + (f" ({len(all_runs) - len(runs)} of {len(all_runs)} seeds diverged)"
+                          if len(runs) < len(all_runs) else "")
+        if not runs:
+            lines.append(f"| {label} | 0 | – | " + " | ".join("–" for _ in METRICS) + " | – |")
+            continue
         cells = [mean_se([r[m] for r in runs]) for m in METRICS]
         minutes = np.mean([r["train_seconds"] for r in runs]) / 60
         calls = np.mean([r["reward_calls"] for r in runs])
-        lines.append(f"| {method} | {len(runs)} | {calls:,.0f} | " + " | ".join(cells)
+        lines.append(f"| {label} | {len(runs)} | {calls:,.0f} | " + " | ".join(cells)
                      + f" | {minutes:.1f} |")
     return "\n".join(lines)
 
@@ -323,7 +333,10 @@ def main() -> None:
         for method in args.methods.split(","):
             result = run_one(method, seed, args)
             results.setdefault(method, []).append(result)
-            print(method, seed, f"{result['train_seconds']:.0f}s",
+            if "diverged" in result:
+                print(method, seed, "diverged:", result["diverged"], flush=True)
+            else:
+                print(method, seed, f"{result['train_seconds']:.0f}s",
                   json.dumps({m: round(result[m], 4) for m in METRICS}),
                   f"raw weights: validity {result['raw']['validity']:.3f}" if "raw" in result else "", flush=True)
             (args.out / "results.md").write_text(table(base, results) + "\n")
