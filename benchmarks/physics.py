@@ -17,7 +17,8 @@ and the table gives the calls each method spent). All methods get the same data 
 * uniqueness (distinct / valid) and novelty (distinct valid SMILES absent from QM9's training split).
 
 Results: ``runs/physics/<method>-s<seed>/result.json`` per run (finished runs are skipped, so an
-interrupted benchmark continues), and ``runs/physics/results.md``: mean ± s.e. over seeds, with the
+interrupted benchmark continues; a run whose loss turns non-finite is recorded as diverged and counted,
+not averaged), and ``runs/physics/results.md``: mean ± s.e. over seeds, with the
 base model measured the same way. The fine-tuned checkpoints stay in each run directory.
 """
 
