@@ -83,7 +83,8 @@ def collections(method: str, args: argparse.Namespace) -> int:
 
 
 def reward_config(args: argparse.Namespace) -> dict:
-    return {"name": "physics", "workers": args.workers, "timeout": 60, "force_cap": args.force_cap}
+    return {"name": "physics", "workers": args.workers, "timeout": 60, "force_cap": args.force_cap,
+            "fragment_weight": args.fragment_weight}
 
 
 @functools.cache
@@ -304,6 +305,8 @@ def main() -> None:
     parser.add_argument("--ppo-minibatches", type=int, default=1, help="PPO/DDPO updates per pass")
     parser.add_argument("--ppo-timestep-fraction", type=float, default=0.2, help="steps of each trajectory per update")
     parser.add_argument("--force-cap", type=float, default=10.0)
+    parser.add_argument("--fragment-weight", type=float, default=1.0,
+                        help="physics reward: cost of each extra fragment (1: the same as one excess bond order)")
     parser.add_argument("--workers", type=int, default=1, help="xTB worker processes")
     parser.add_argument("--samples", type=int, default=500, help="molecules per evaluation")
     parser.add_argument("--eval-seed", type=int, default=12345)

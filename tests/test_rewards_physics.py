@@ -103,6 +103,8 @@ def test_physics_combines_its_terms(heavy_atom_molecules):
     assert -1.0 < good <= 0.0  # valid and connected: only the capped force term, in (-1, 0]
     assert bad < good - 1.0  # one extra fragment costs 1 on top of its own force term
     assert physics_score(Molecule(molecule.symbols, broken), force_weight=0.0) == -1.0
+    assert physics_score(Molecule(molecule.symbols, broken), force_weight=0.0, fragment_weight=3.0) == -3.0
+    assert physics_score(molecule, force_weight=0.0, fragment_weight=3.0) == 0.0  # one fragment: no cost
 
 
 def _bonds(molecule):

@@ -13,8 +13,11 @@ name                   value                                                    
 ``connectivity``       ``-(fragments - 1)``                                                    fragments
 ``xtb_force_rms``      ``sqrt(mean_i |F_i|^2)`` of the GFN2-xTB forces (lower is better)       eV/A
 ``xtb_energy_per_atom`` ``(E - sum_i E_atom(Z_i)) / n``: GFN2-xTB atomisation energy per atom  eV/atom
-``physics``            ``valence + connectivity - force_weight * min(F_rms, force_cap) / cap`` score
+``physics``            ``valence + w_f * connectivity - w * min(F_rms, force_cap) / cap``      score
 =====================  ======================================================================  =========
+
+In ``physics``, ``w`` is ``force_weight`` and ``w_f`` is ``fragment_weight`` (1 each by default: one extra
+fragment then costs as much as one excess bond order).
 
 Bonds are EDM's distance rules (:mod:`rgdm.eval.bonds`), the same the validity metric uses, and
 ``vmax`` is RDKit's largest allowed valence of the element (C 4, N 3, O 2, F 1): with EDM's bonds,
@@ -157,10 +160,13 @@ def energy_per_atom(molecule: Molecule, add_hydrogens: bool = False, **settings:
 
 
 def physics_score(molecule: Molecule, force_weight: float = 1.0, force_cap: float = 10.0,
-                  add_hydrogens: bool = True, **settings: Any) -> float:
-    """valence + connectivity - force_weight * min(F_rms, force_cap) / force_cap (see the module)."""
+                  add_hydrogens: bool = True, fragment_weight: float = 1.0, **settings: Any) -> float:
+    """valence + fragment_weight * connectivity - force_weight * min(F_rms, force_cap) / force_cap.
+
+    With ``fragment_weight`` 1 an extra fragment costs as much as one excess bond order, so breaking
+    an over-valent molecule apart is free; a larger weight makes a single fragment worth keeping."""
     bonds = edm_bond_orders(molecule)
-    score = -float(excess_valence(molecule.symbols, bonds)) - float(fragment_count(bonds) - 1)
+    score = -float(excess_valence(molecule.symbols, bonds)) - fragment_weight * float(fragment_count(bonds) - 1)
     if force_weight == 0:
         return score
     try:
@@ -210,10 +216,14 @@ def xtb_energy_per_atom(add_hydrogens: bool = False, method: str = "GFN2-xTB", c
 
 @register_reward("physics", units="score <= 0", worker_only=True)
 def physics(force_weight: float = 1.0, force_cap: float = 10.0, add_hydrogens: bool = True,
-            method: str = "GFN2-xTB", charge: int = 0, accuracy: float = 1.0, max_iter: int = 250) -> PerMolecule:
-    """valence + connectivity - force_weight * min(xTB force RMS, force_cap) / force_cap; 0 is ideal."""
-    if force_weight < 0 or not force_cap > 0:
-        raise ValueError(f"need force_weight >= 0 and force_cap > 0, got {force_weight} and {force_cap}")
+            method: str = "GFN2-xTB", charge: int = 0, accuracy: float = 1.0, max_iter: int = 250,
+            fragment_weight: float = 1.0) -> PerMolecule:
+    """valence + fragment_weight * connectivity - force_weight * min(xTB force RMS, force_cap) / force_cap;
+    0 is ideal."""
+    if force_weight < 0 or not force_cap > 0 or fragment_weight < 0:
+        raise ValueError(f"need force_weight >= 0, force_cap > 0 and fragment_weight >= 0, got {force_weight}, "
+                         f"{force_cap} and {fragment_weight}")
     params = {"force_weight": float(force_weight), "force_cap": float(force_cap),
+              "fragment_weight": float(fragment_weight),
               "add_hydrogens": bool(add_hydrogens), **_xtb_settings(method, charge, accuracy, max_iter)}
     return PerMolecule(physics_score, params, setup=import_rdkit_and_tblite)
