@@ -340,9 +340,9 @@ def main() -> None:
             if "diverged" in result:
                 print(method, seed, "diverged:", result["diverged"], flush=True)
             else:
+                raw = f"raw weights: validity {result['raw']['validity']:.3f}" if "raw" in result else ""
                 print(method, seed, f"{result['train_seconds']:.0f}s",
-                  json.dumps({m: round(result[m], 4) for m in METRICS}),
-                  f"raw weights: validity {result['raw']['validity']:.3f}" if "raw" in result else "", flush=True)
+                      json.dumps({m: round(result[m], 4) for m in METRICS}), raw, flush=True)
             (args.out / "results.md").write_text(table(base, results) + "\n")
     print(table(base, results))
 
