@@ -160,9 +160,10 @@ def train_config(steps: int, seed: int, args: argparse.Namespace, log_every: int
 
 
 def run_data_only(seed: int, args: argparse.Namespace, run_dir: Path) -> dict:
-    """The control without a reward: ``iterations`` optimizer steps of the data term alone (λ_mle · the
-    denoising loss on ``batch`` QM9 molecules), with every method's optimizer, clip, EMA and learning
-    rate. What it loses against the base is what the fine-tuning protocol itself costs."""
+    """The control without a reward: ``iterations`` optimizer steps of the data term alone (the denoising
+    loss on ``batch`` QM9 molecules; its weight λ_mle only has to be > 0, since the loss is the whole
+    objective), with every method's optimizer, clip, EMA and learning rate. What it loses against the
+    base is what the fine-tuning protocol itself costs."""
     from rgdm.runs import load_model, load_training_data
     from rgdm.training.loop import Trainer
     from rgdm.training.mle import DenoisingObjective
