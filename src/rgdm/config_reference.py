@@ -24,7 +24,8 @@ SECTIONS = [
     ("Pre-training (`rgdm pretrain --config`)", RunConfig, [
         ("data", DataConfig), ("model", ModelConfig), ("diffusion", DiffusionConfig), ("train", TrainConfig)]),
     ("Fine-tuning (`rgdm finetune --config`)", FinetuneConfig, [("rgdm", RGDMConfig), ("ddpo", DDPOConfig),
-                                                                        ("rwr", RWRConfig), ("train", TrainConfig)]),
+                                                                        ("ppo", DDPOConfig), ("rwr", RWRConfig),
+                                                                        ("train", TrainConfig)]),
 ]
 
 
@@ -46,8 +47,12 @@ def _type_name(hint: typing.Any) -> str:
     return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
 
 
-def _default(field: dataclasses.Field) -> str:
-    if field.default is not dataclasses.MISSING:
+def _default(field: dataclasses.Field, section: typing.Any = None) -> str:
+    """The field's default; in ``section`` (the parent's default instance of this section, e.g. the
+    fine-tuning ``train``) the value that section starts from, which ``from_dict`` fills in too."""
+    if section is not None:
+        value = getattr(section, field.name)
+    elif field.default is not dataclasses.MISSING:
         value = field.default
     elif field.default_factory is not dataclasses.MISSING:
         value = field.default_factory()
@@ -58,12 +63,12 @@ def _default(field: dataclasses.Field) -> str:
     return f"`{value!r}`"
 
 
-def table(cls: type, prefix: str = "") -> list[str]:
+def table(cls: type, prefix: str = "", section: typing.Any = None) -> list[str]:
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for field in dataclasses.fields(cls):
-        rows.append(f"| `{prefix}{field.name}` | {_type_name(hints[field.name])} | {_default(field)} | "
+        rows.append(f"| `{prefix}{field.name}` | {_type_name(hints[field.name])} | {_default(field, section)} | "
                     f"{comments.get(field.name, '')} |")
     return rows
 
@@ -74,11 +79,13 @@ def reference_markdown() -> str:
              "`python -m rgdm.config_reference`; `tests/test_config_reference.py` keeps it in sync.",
              "Unknown keys, wrong types, out-of-range values and non-finite numbers (`.nan`, `.inf`) are rejected "
              "with one line naming the key. A run `name` is one directory under `runs/`: no `/` or `\\`, "
-             "not only dots.", ""]
+             "not only dots. A section given in part keeps the defaults listed under its command for "
+             "the rest (a fine-tuning `train:` with only `steps` keeps fine-tuning's `lr` and `ema_decay`).", ""]
     for title, top, sections in SECTIONS:
         lines += [f"## {title}", ""] + table(top) + [""]
+        defaults = top()  # the sections as the command starts from them
         for name, cls in sections:
-            lines += [f"### `{name}`", ""] + table(cls, f"{name}.") + [""]
+            lines += [f"### `{name}`", ""] + table(cls, f"{name}.", getattr(defaults, name)) + [""]
     return "\n".join(lines)
 
 
