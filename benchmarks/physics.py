@@ -155,7 +155,7 @@ def code_version() -> dict[str, str]:
 def train_config(steps: int, seed: int, args: argparse.Namespace, log_every: int = 1):
     from rgdm.config import TrainConfig
 
-    return TrainConfig(steps=steps, lr=args.lr, ema_decay=args.ema, grad_clip=1.0, seed=seed,
+    return TrainConfig(steps=steps, lr=args.lr, ema_decay=args.ema, anchor=args.anchor, grad_clip=1.0, seed=seed,
                        log_every=log_every, val_every=10**9, checkpoint_every=steps, num_threads=1)
 
 
@@ -295,6 +295,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--ema", type=float, default=0.0,
                         help="EMA decay of the weights (0: none); the evaluation samples the EMA model")
+    parser.add_argument("--anchor", type=float, default=0.0,
+                        help="pull toward the base weights (train.anchor; 0: none)")
     parser.add_argument("--tau", type=float, default=0.25, help="RGDM temperature (RWR: beta = 1 / tau)")
     parser.add_argument("--lambda-mle", type=float, default=1.0, help="data term of every method")
     parser.add_argument("--sequence-loss", default="denoising", choices=("denoising", "path"),

@@ -30,13 +30,18 @@ def assert_same_state(a, b):
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
-def test_resume_is_bit_for_bit(tmp_path, qm9_all):
+@pytest.mark.parametrize("anchor", [0.0, 100.0])
+def test_resume_is_bit_for_bit(tmp_path, qm9_all, anchor):
     n = 5
-    pretrain(tiny_config(2 * n), tmp_path / "straight", progress=False, tensorboard=False)
-    pretrain(tiny_config(n), tmp_path / "resumed", progress=False, tensorboard=False)
-    pretrain(tiny_config(2 * n), tmp_path / "resumed", resume=True, progress=False, tensorboard=False)
+    pretrain(tiny_config(2 * n, anchor=anchor), tmp_path / "straight", progress=False, tensorboard=False)
+    pretrain(tiny_config(n, anchor=anchor), tmp_path / "resumed", progress=False, tensorboard=False)
+    pretrain(tiny_config(2 * n, anchor=anchor), tmp_path / "resumed", resume=True, progress=False,
+             tensorboard=False)
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     assert_same_state(straight, resumed)
+    if anchor:
+        for name, start in straight["anchor"].items():
+            assert torch.equal(start, resumed["anchor"][name]), f"anchor.{name} differs"
     # The metrics log matches before the interruption and at the end (wall time aside); the row
     # logged when the first segment stopped averages a shorter window, by design.
     straight_rows = metrics_without_time(tmp_path / "straight")
@@ -64,6 +69,36 @@ def test_training_reduces_loss_and_model_reloads(tmp_path, qm9_all):
         assert torch.equal(p, loaded.model.state_dict()[name])
     batch = loaded.model.sample_molecules(3, num_steps=5, generator=torch.Generator().manual_seed(0))
     assert batch.positions.shape[0] == 3 and set(batch.elements) == {"C", "N", "O", "F"}
+
+
+def test_anchor_pulls_the_weights_toward_their_start(tmp_path, qm9_all):
+    """``lr * anchor = 1`` puts the weights back at their start after every step; a weaker pull keeps
+    them closer to it than no pull, on the same data and seed."""
+    def distance_from_start(anchor: float, name: str) -> float:
+        trainer = pretrain(tiny_config(6, lr=1e-3, anchor=anchor), tmp_path / name, progress=False,
+                           tensorboard=False)
+        start = final_state(tmp_path / name)["anchor"] if anchor else None
+        if start is None:  # the same seed builds the same initial weights
+            start = {n: p for n, p in pretrain(tiny_config(6, lr=0.0), tmp_path / f"{name}-init", progress=False,
+                                               tensorboard=False).model.named_parameters()}
+        return sum(float((p.detach() - start[n]).norm() ** 2) for n, p in trainer.model.named_parameters()) ** 0.5
+
+    assert distance_from_start(1e3, "full") == 0.0
+    free, pulled = distance_from_start(0.0, "free"), distance_from_start(100.0, "pulled")
+    assert 0.0 < pulled < free
+
+
+def test_anchor_must_not_overshoot_the_start():
+    with pytest.raises(ConfigError, match="train.anchor: lr \\* anchor"):
+        from_dict(RunConfig, {"train": {"lr": 1e-3, "anchor": 2e3}}).validate()
+
+
+def test_an_option_newer_than_the_checkpoint_is_no_change_while_off():
+    from rgdm.training.loop import _changed_keys
+
+    old = {"train": {"lr": 1e-4}}
+    assert _changed_keys(old, {"train": {"lr": 1e-4, "anchor": 0.0}}) == []
+    assert _changed_keys(old, {"train": {"lr": 1e-4, "anchor": 5.0}}) == ["train.anchor"]
 
 
 def test_existing_run_is_not_overwritten(tmp_path, qm9_all):

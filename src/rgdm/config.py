@@ -128,6 +128,7 @@ class TrainConfig:
     weight_decay: float = 1e-12
     grad_clip: float = 2.0  # max gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # 0 disables the EMA copy
+    anchor: float = 0.0  # pull toward the starting weights: each step moves them lr * anchor of the way back
     seed: int = 0
     log_every: int = 50  # steps per row of metrics.csv / TensorBoard
     val_every: int = 500  # steps between evaluations (validation loss, or samples when fine-tuning)
@@ -143,6 +144,10 @@ class TrainConfig:
         _check_range("train.lr", self.lr, low=0.0)
         _check_range("train.grad_clip", self.grad_clip, low=0.0)
         _check_range("train.ema_decay", self.ema_decay, low=0.0, high=1.0)
+        _check_range("train.anchor", self.anchor, low=0.0)
+        if self.lr * self.anchor > 1:
+            raise ConfigError(f"train.anchor: lr * anchor = {self.lr * self.anchor:g} would pull the weights past "
+                              "their starting point; keep it <= 1 (e.g. anchor <= 1 / lr)")
         for key in ("log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
             _check_range(f"train.{key}", getattr(self, key), low=1)
         _check_range("train.val_batches", self.val_batches, low=0)

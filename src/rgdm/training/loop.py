@@ -95,6 +95,35 @@ class EMA:
                              1.0 - self.decay)
 
 
+class Anchor:
+    """A pull of the weights toward where training started (L2-SP: Li, Grandvalet & Davoine, "Explicit
+    inductive bias for transfer learning with convolutional networks", 2018), decoupled from the gradient
+    as AdamW's weight decay is: after each optimizer step, ``theta += lr * strength * (theta_0 - theta)``.
+
+    Why fine-tuning wants it: Adam moves every weight by about ``lr`` per step whatever the size of its
+    gradient, so the many weights a reward says nothing about wander at random, and a converged model
+    degrades. The pull bounds that wandering: a weight with no consistent gradient stays within about
+    ``sqrt(lr / (2 * strength))`` of its start, and one pushed the same way at every step settles
+    ``1 / strength`` away from it (reached in about ``1 / (lr * strength)`` steps)."""
+
+    def __init__(self, model: nn.Module, strength: float):
+        self.strength = strength
+        self.start = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, lr: float) -> None:
+        names, params = zip(*model.named_parameters(), strict=True)
+        torch._foreach_lerp_([p.data for p in params], [self.start[n] for n in names], lr * self.strength)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.start
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if set(state) != set(self.start):
+            raise CheckpointError("the checkpoint's anchor weights do not match the model's parameters")
+        self.start = {name: tensor.to(self.start[name].device) for name, tensor in state.items()}
+
+
 class MetricsLog:
     """Append-only CSV (one row per logged step, columns grow as new metrics appear) + TensorBoard."""
 
@@ -171,6 +200,7 @@ class Trainer:
         self.bf16_autocast = bf16_autocast
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
         self.ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+        self.anchor = Anchor(model, config.anchor) if config.anchor > 0 else None
         self.step = 0
         self.elapsed = 0.0  # training wall time over all resumed segments
         self.warned_diverging = False
@@ -188,6 +218,7 @@ class Trainer:
             "elapsed_seconds": self.elapsed,
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "anchor": self.anchor.state_dict() if self.anchor is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
             "rng": rng_state(),
@@ -234,6 +265,10 @@ class Trainer:
             if state.get("ema") is None:
                 raise CheckpointError(f"{path}: checkpoint has no EMA weights but the config enables EMA")
             self.ema.module.load_state_dict(state["ema"])
+        if self.anchor is not None:
+            if state.get("anchor") is None:
+                raise CheckpointError(f"{path}: checkpoint has no anchor weights but the config sets train.anchor")
+            self.anchor.load_state_dict(state["anchor"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self._restore_rng(state, path)
@@ -330,6 +365,8 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
         self._warn_if_diverging(global_loss.item(), metrics.get("grad_norm", 0.0))
         self.optimizer.step()
+        if self.anchor is not None:
+            self.anchor.update(self.model, self.config.lr)
         if self.ema is not None:
             self.ema.update(self.model)
         metrics["loss"] = global_loss.item()
@@ -349,6 +386,8 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
+        if key not in old and b in (None, False, 0, ""):
+            continue  # an option newer than the checkpoint, off: the run was made with it off
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:
