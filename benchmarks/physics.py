@@ -197,6 +197,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     values.update({"name": run_dir.name, "base": args.base, "method": "rgdm" if method.startswith("rgdm") else method,
                    "reward": reward_config(args),
                    "eval_samples": 0, **method_settings(method, args)})
+    for key, value in args.set:
+        section, _, field = key.partition(".")
+        values.setdefault(section, {})[field] = value
     config = from_dict(FinetuneConfig, values)
     updates = updates_per_collection(method, config)
     steps = collections(method, args) * updates
@@ -258,6 +261,16 @@ def ship(run: str, args: argparse.Namespace, name: str = "qm9-noh-physics") -> P
     return path
 
 
+def config_override(text: str) -> tuple[str, object]:
+    """``section.key=value`` with a YAML value, as a config file would give it."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SECTION.KEY=VALUE, e.g. rgdm.replay=8")
+    return key, yaml.safe_load(value)
+
+
 def mean_se(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -310,6 +323,8 @@ def main() -> None:
     parser.add_argument("--force-cap", type=float, default=10.0)
     parser.add_argument("--fragment-weight", type=float, default=1.0,
                         help="physics reward: cost of each extra fragment (1: the same as one excess bond order)")
+    parser.add_argument("--set", action="append", default=[], type=config_override, metavar="SECTION.KEY=VALUE",
+                        help="one more fine-tuning config value for every method, e.g. rgdm.replay=8 (repeatable)")
     parser.add_argument("--workers", type=int, default=1, help="xTB worker processes")
     parser.add_argument("--samples", type=int, default=500, help="molecules per evaluation")
     parser.add_argument("--eval-seed", type=int, default=12345)
