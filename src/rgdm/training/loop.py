@@ -100,9 +100,10 @@ class Anchor:
     inductive bias for transfer learning with convolutional networks", 2018), decoupled from the gradient
     as AdamW's weight decay is: after each optimizer step, ``theta += lr * strength * (theta_0 - theta)``.
 
-    Why fine-tuning wants it: Adam moves every weight by about ``lr`` per step whatever the size of its
-    gradient, so the many weights a reward says nothing about wander at random, and a converged model
-    degrades. The pull bounds that wandering: a weight with no consistent gradient stays within about
+    Why a fine-tuning run may want it: Adam moves every weight by about ``lr`` per step whatever the size
+    of its gradient, so weights a reward says nothing about can wander and a converged model degrade.
+    (On the physics benchmark it changed nothing for the step level: docs/physics.md.) The pull bounds
+    that wandering: a weight with no consistent gradient stays within about
     ``sqrt(lr / (2 * strength))`` of its start, and one pushed the same way at every step settles
     ``1 / strength`` away from it (reached in about ``1 / (lr * strength)`` steps)."""
 
@@ -387,7 +388,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if key not in old and b in (None, False, 0, ""):
-            continue  # an option newer than the checkpoint, off: the run was made with it off
+            continue  # an option newer than the checkpoint, set off: how the run was made (options are added off)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:
