@@ -79,8 +79,9 @@ def test_anchor_pulls_the_weights_toward_their_start(tmp_path, qm9_all):
                            tensorboard=False)
         start = final_state(tmp_path / name)["anchor"] if anchor else None
         if start is None:  # the same seed builds the same initial weights
-            start = {n: p for n, p in pretrain(tiny_config(6, lr=0.0), tmp_path / f"{name}-init", progress=False,
-                                               tensorboard=False).model.named_parameters()}
+            untrained = pretrain(tiny_config(6, lr=0.0), tmp_path / f"{name}-init", progress=False,
+                                 tensorboard=False).model
+            start = {n: p.detach() for n, p in untrained.named_parameters()}
         return sum(float((p.detach() - start[n]).norm() ** 2) for n, p in trainer.model.named_parameters()) ** 0.5
 
     assert distance_from_start(1e3, "full") == 0.0
