@@ -34,6 +34,7 @@ class RGDMConfig:
     lookahead_steps: int = 0  # steps of the "rollout" / "continuation" look-ahead; 0 = the roll-outs' own grid
     lookahead_samples: int = 2  # M continuations per candidate ("continuation" only)
     antithetic: bool = True  # candidates in pairs mu + delta ± std * eps (K even): no first-order 1/K bias
+    value_shrinkage: bool = False  # step variant: shrink candidates' values toward their mean by their signal share
     weight_normalisation: str = "self"  # step variant: "self" (softmax over K) or "jackknife" (1/K bias removed)
     tau: float = 1.0  # temperature of the pay-off distribution exp(r / tau)
     adapt_tau: bool = False  # choose tau per state so that ESS = target_ess * K (or * batch)
@@ -88,6 +89,13 @@ class RGDMConfig:
             raise ConfigError("rgdm.sequence_replay / sequence_pool: the path loss reuses a batch only with "
                               "sequence_proposal: reference (its likelihood ratio to a moved policy is not "
                               "corrected); use sequence_loss: denoising or the reference proposal")
+        if self.value_shrinkage and (self.variant != "step" or self.lookahead != "continuation"
+                                     or self.lookahead_samples < 2):
+            raise ConfigError("rgdm.value_shrinkage: measures the look-ahead's noise from its continuations, so it "
+                              "needs variant: step, lookahead: continuation and lookahead_samples >= 2")
+        if self.value_shrinkage and self.adapt_tau:
+            raise ConfigError("rgdm.value_shrinkage and rgdm.adapt_tau: adapt_tau would rescale the shrunk values "
+                              "back to its target ESS; use one of them")
         if self.shift == "best_probe" and self.num_probes < self.num_candidates - 1:
             raise ConfigError("rgdm.num_probes: best_probe needs at least num_candidates - 1 probes")
 

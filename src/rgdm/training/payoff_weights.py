@@ -34,6 +34,43 @@ def payoff_log_weights(values: Tensor, tau: Tensor, log_base: Tensor) -> Tensor:
     return scaled + log_base
 
 
+def value_signal_fraction(values: Tensor) -> Tensor:
+    """The share of the spread between candidates' estimated values that is not look-ahead noise.
+
+    ``values`` is [rows, K, M]: M noisy look-ahead samples (stochastic continuations) of each of K
+    candidates, rows exploring the same step. With W the mean within-candidate variance var_m and B
+    the mean between-candidate variance of the M-sample means, E[B] = var(true values) + W / M, so
+
+        fraction = clamp(1 - W / (M · B), 0, 1)
+
+    is the empirical-Bayes estimate of var(true values) / B, pooled over the rows (K and M are small).
+    0 when the candidates' values differ by no more than their noise (or not at all).
+    """
+    if values.dim() != 3 or values.shape[-1] < 2:
+        raise ValueError(f"value_signal_fraction needs [rows, K, M >= 2] look-ahead samples, got {tuple(values.shape)}")
+    m = values.shape[-1]
+    within = values.var(dim=-1).mean()
+    between = values.mean(dim=-1).var(dim=-1).mean()
+    if between <= 0:
+        return torch.zeros((), dtype=values.dtype, device=values.device)
+    return (1.0 - within / (m * between)).clamp(0.0, 1.0)
+
+
+def shrink_values(values: Tensor, tau: Tensor, fraction: Tensor) -> Tensor:
+    """Soft values V_k = tau log mean_m exp(v_km / tau) of [rows, K, M] look-ahead samples, shrunk
+    toward their mean over the K candidates by ``fraction`` (``value_signal_fraction``), [rows, K].
+
+    This is the empirical-Bayes (James-Stein) estimate of each candidate's value: where the values
+    are pure noise (fraction 0) every candidate gets the row's mean and the pay-off weights reduce to
+    the proposal ratio, i.e. the reference step itself; where they are exact (fraction 1) nothing
+    changes. For the weights it is a per-step temperature tau / fraction.
+    """
+    t = tau.view(*tau.shape, 1, 1)
+    soft_values = t.squeeze(-1) * (torch.logsumexp(values / t, dim=-1) - math.log(values.shape[-1]))
+    mean = soft_values.mean(dim=-1, keepdim=True)
+    return mean + fraction * (soft_values - mean)
+
+
 def temperature_for_ess(values: Tensor, log_base: Tensor, target_ess: float, low: float = 1e-3,
                         high: float = 1e3, iterations: int = 30) -> Tensor:
     """Per-row tau such that ESS of the pay-off weights ≈ target_ess (bisection in log tau).

@@ -48,8 +48,10 @@ from rgdm.training.payoff_weights import (
     effective_sample_size,
     jackknife_weights,
     payoff_log_weights,
+    shrink_values,
     temperature_for_ess,
     truncate_weights,
+    value_signal_fraction,
 )
 from rgdm.training.rgdm_exploration import Exploration, explore, lookahead, unit_directions
 from rgdm.training.rgdm_sequence import ScoredRollouts, pool_weights, sequence_loss
@@ -177,7 +179,9 @@ class RGDMObjective:
         Called with the *global* batch's values on every rank, so that the normaliser's state and the
         weights are identical across ranks (and to a single-process run). ``fit_normalizer=False``
         reweights values the normaliser has already seen (a replayed or pooled batch). The jackknife
-        (over antithetic candidate groups) is the step variant's.
+        (over antithetic candidate groups) is the step variant's. With ``value_shrinkage`` the
+        candidates' soft values are first shrunk toward their mean by the share of their spread that is
+        not look-ahead noise (``shrink_values``), estimated over all ``rows`` (one explored step).
         """
         cfg = self.config
         if cfg.normalize_rewards and fit_normalizer:
@@ -187,6 +191,8 @@ class RGDMObjective:
             tau = temperature_for_ess(scaled, log_base, cfg.target_ess * log_base.shape[-1])
         else:
             tau = torch.full(log_base.shape[:-1], cfg.tau, dtype=values.dtype, device=values.device)
+        if cfg.value_shrinkage and _has_samples(values, log_base):
+            scaled = shrink_values(scaled, tau, value_signal_fraction(scaled))
         log_weights = payoff_log_weights(scaled, tau, log_base)
         groups = log_base.shape[-1] // (2 if cfg.antithetic else 1)
         if cfg.weight_normalisation == "jackknife" and cfg.variant == "step" and groups >= 2:
@@ -247,7 +253,7 @@ class RGDMObjective:
         order = torch.randperm(len(window), generator=generator, device=generator.device)[
             : min(cfg.explore_steps, len(window))]
         picks = torch.tensor(window, device=order.device)[order].sort().values
-        items, ess_all, entropy_all, tau_all = [], [], [], []
+        items, ess_all, entropy_all, tau_all, signal_all = [], [], [], [], []
         for idx in picks.tolist():
             t_int, s_int = grid[idx], grid[idx + 1]
             z_t = traj.states[idx]
@@ -259,9 +265,14 @@ class RGDMObjective:
             ess_all.append(effective_sample_size(torch.log(probabilities.clamp(min=1e-30))).mean().item())
             entropy_all.append(-(probabilities * torch.log(probabilities.clamp(min=1e-30))).sum(-1).mean().item())
             tau_all.append(tau.mean().item())
+            values = shard.gather(exp.values)
+            if _has_samples(values, exp.log_proposal_ratio):
+                signal_all.append(value_signal_fraction(self._scaled(values, shard.global_conditions.targets)).item())
         metrics = reward_metrics(final)
         metrics.update({"ess": _mean(ess_all), "ess_fraction": _mean(ess_all) / cfg.num_candidates,
                         "weight_entropy": _mean(entropy_all), "tau": _mean(tau_all)})
+        if signal_all:  # the share of the candidates' value spread that is not look-ahead noise
+            metrics["value_signal"] = _mean(signal_all)
         return shard, items, metrics
 
     @staticmethod
@@ -370,6 +381,11 @@ def _per_value(targets: Tensor | None, values: Tensor) -> Tensor | None:
     if targets is None:
         return None
     return targets.view(*targets.shape, *([1] * (values.dim() - targets.dim()))).expand_as(values).reshape(-1)
+
+
+def _has_samples(values: Tensor, log_base: Tensor) -> bool:
+    """Whether ``values`` holds M >= 2 look-ahead samples per candidate (not so at the last step)."""
+    return values.dim() == log_base.dim() + 1 and values.shape[-1] >= 2
 
 
 def _mean(values: list[float]) -> float:
