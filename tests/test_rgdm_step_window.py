@@ -14,6 +14,7 @@ import torch
 
 from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
+from rgdm.training.payoff_weights import value_signal_fraction
 from rgdm.training.rgdm import RGDMObjective, explore_sample
 from rgdm.training.tasks import BatchShard, GaussianTask
 
@@ -239,3 +240,53 @@ def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_po
     assert a["objective"]["reward_calls"] == b["objective"]["reward_calls"]
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+# -- value shrinkage: weights from the part of the values that is not look-ahead noise -------------- #
+
+
+def test_signal_fraction_separates_values_from_their_noise():
+    """fraction = 1 - W / (M B): ~0 for pure continuation noise, ~1 for exact values, and
+    var(true) / (var(true) + noise / M) in between (here 1 / (1 + 1/2))."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(256, 8, 2, generator=g)
+    true = torch.randn(256, 8, 1, generator=g)
+    assert value_signal_fraction(noise).item() < 0.05
+    assert value_signal_fraction(true + 0.01 * noise).item() > 0.99
+    assert abs(value_signal_fraction(true + noise).item() - 2 / 3) < 0.05
+
+
+def test_value_shrinkage_removes_the_pull_toward_noisy_candidates():
+    """Every candidate's continuations average to 0 but spread by ±a_k: the soft value
+    tau log mean exp(v / tau) favours the noisiest candidate (a pull toward noise, the negative
+    control), while the shrunk values carry no signal and leave the proposal ratio alone."""
+    spread = torch.arange(8.0).view(1, 8, 1)
+    values = torch.cat([spread, -spread], dim=-1).expand(4, 8, 2)
+    log_base = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)) * 0.1
+    shrunk, _ = gaussian_objective(num_candidates=8, value_shrinkage=True)._weights(values, log_base, None)
+    assert torch.allclose(shrunk, torch.softmax(log_base, dim=-1), atol=1e-6)
+    raw, _ = gaussian_objective(num_candidates=8)._weights(values, log_base, None)
+    assert (raw[:, -1] > 0.5).all(), raw  # the noisiest candidate takes most of the weight
+
+
+def test_value_shrinkage_keeps_informative_values():
+    g = torch.Generator().manual_seed(2)
+    values = torch.arange(8.0).view(1, 8, 1) * 0.3 + 0.01 * torch.randn(16, 8, 2, generator=g)
+    log_base = torch.zeros(16, 8)
+    shrunk, _ = gaussian_objective(num_candidates=8, value_shrinkage=True)._weights(values, log_base, None)
+    raw, _ = gaussian_objective(num_candidates=8)._weights(values, log_base, None)
+    assert torch.allclose(shrunk, raw, atol=1e-3)
+    assert (raw[:, -1] > 3 * raw[:, 0]).all()  # and the values do move the weights
+
+
+def test_explored_batches_report_their_value_signal():
+    objective = gaussian_objective(explore_t_max=1.0, explore_steps=3, value_shrinkage=True)
+    _, metrics = objective.loss(objective.reference, 0)
+    assert 0.0 <= metrics["value_signal"] <= 1.0
+
+
+@pytest.mark.parametrize("settings", [{"lookahead": "tweedie"}, {"lookahead_samples": 1}, {"adapt_tau": True},
+                                      {"variant": "sequence"}])
+def test_value_shrinkage_needs_noisy_lookahead_samples(settings):
+    with pytest.raises(ConfigError, match="value_shrinkage"):
+        RGDMConfig(value_shrinkage=True, **settings).validate()
