@@ -74,6 +74,9 @@ SETTINGS: dict[str, dict] = {
     "window pool=4 replay=8": {**WINDOW, "explored_pool": 4, "replay": 8},
     "window pool=2 replay=8": {**WINDOW, "explored_pool": 2, "replay": 8},
     "window pool=4 replay=16": {**WINDOW, "explored_pool": 4, "replay": 16},
+    # candidates' values shrunk toward their mean by the share of their spread that is not continuation noise
+    "window shrink": {**WINDOW, "value_shrinkage": True},
+    "window t_max=1 shrink": {**WINDOW, "explore_t_max": 1.0, "value_shrinkage": True},
     # one continuation per candidate, the calls spent on more explored states instead
     "window M=1": {**WINDOW, "lookahead_samples": 1, "explore_steps": 4},
     "window M=1 K=4": {**WINDOW, "lookahead_samples": 1, "num_candidates": 4, "explore_steps": 8},
