@@ -1,6 +1,8 @@
 """Where along the reverse chain do the step level's look-ahead values carry information?
 
     OMP_NUM_THREADS=1 python benchmarks/value_signal.py --reward physics --rollouts 16 --out runs/value_signal
+    OMP_NUM_THREADS=1 python benchmarks/value_signal.py --reward qed --reward-option method=edm \
+        --reward-option backend=inline --out runs/value_signal_qed
 
 Rolls out ``--rollouts`` samples of the shipped model and, at every reverse step t -> s of the
 ``--steps`` grid, explores the step as RGDM's step level does (K candidates with random feasible
@@ -15,7 +17,9 @@ each). From the raw values v[b, k, m] of roll-out b, candidate k and continuatio
   continuations: the reward of the candidate itself, fraction 1.)
 
 This is what ``rgdm.value_shrinkage`` estimates on every explored step during training.
-Writes ``<out>/value_signal.json`` and a plot ``<out>/value_signal.png``.
+Writes ``<out>/value_signal.json`` and a plot ``<out>/value_signal.png`` (with ``--overlay`` the curves of
+earlier measurements in the same figure; docs/value_signal.png is the QED run with the physics run
+overlaid).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
     from rgdm.training.tasks import BatchShard
 
     values = to_dict(FinetuneConfig())
-    values.update({"base": args.base, "method": "rgdm", "reward": {"name": args.reward, "workers": args.workers},
+    reward = {"name": args.reward, "workers": args.workers, **dict(args.reward_option)}
+    values.update({"base": args.base, "method": "rgdm", "reward": reward,
                    "rgdm": {"variant": "step", "sampling_steps": args.steps, "num_candidates": args.candidates,
                             "lookahead": "continuation", "lookahead_samples": args.continuations,
                             "explore_t_max": 1.0}})
@@ -76,22 +81,34 @@ def measure(args: argparse.Namespace) -> list[dict]:
             reward.close()
 
 
-def plot(rows: list[dict], path: Path, reward: str) -> None:
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    """The signal fraction against t / T, one line per reward."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["t_fraction"] for r in rows], [r["signal_fraction"] for r in rows], marker="o")
+    for label, rows in curves.items():
+        ax.plot([r["t_fraction"] for r in rows], [r["signal_fraction"] for r in rows], marker="o", ms=3,
+                label=label)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.axvline(0.3, color="grey", ls="--", lw=0.8, label="default window (t ≤ 0.3 T)")
     ax.set_xlabel("t / T of the explored step")
     ax.set_ylabel("signal fraction 1 − W / (M·B)")
-    ax.set_title(f"Look-ahead values between candidates vs noise ({reward})")
+    ax.set_title("Look-ahead values: spread between candidates vs noise")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def reward_option(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. method=edm")
+    return key, yaml.safe_load(value)
 
 
 def main() -> None:
@@ -103,14 +120,22 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--continuations", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--reward-option", action="append", default=[], type=reward_option, metavar="KEY=VALUE",
+                        help="one more option of the reward (YAML value), e.g. method=edm (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overlay", action="append", default=[], type=Path, metavar="JSON",
+                        help="a value_signal.json written before, drawn in the same plot (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("runs/value_signal"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = measure(args)
     (args.out / "value_signal.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                             "steps": rows}, indent=2))
-    plot(rows, args.out / "value_signal.png", args.reward)
+    curves = {args.reward: rows}
+    for other in args.overlay:  # earlier measurements drawn in the same figure
+        saved = json.loads(other.read_text())
+        curves[saved["args"]["reward"]] = saved["steps"]
+    plot(curves, args.out / "value_signal.png")
     print(f"wrote {args.out / 'value_signal.json'} and value_signal.png")
 
 
