@@ -290,3 +290,21 @@ def test_explored_batches_report_their_value_signal():
 def test_value_shrinkage_needs_noisy_lookahead_samples(settings):
     with pytest.raises(ConfigError, match="value_shrinkage"):
         RGDMConfig(value_shrinkage=True, **settings).validate()
+
+
+def test_mean_value_estimate_is_risk_neutral():
+    """The soft value of two continuations ±a_k favours the candidate with the widest outcomes (the
+    pay-off's own risk-seeking at low tau); their mean reward does not."""
+    spread = torch.arange(8.0).view(1, 8, 1)
+    values = torch.cat([spread, -spread], dim=-1).expand(4, 8, 2) * 0.5
+    log_base = torch.zeros(4, 8)
+    neutral, _ = gaussian_objective(num_candidates=8, value_estimate="mean")._weights(values, log_base, None)
+    assert torch.allclose(neutral, torch.full((4, 8), 1 / 8))
+    seeking, _ = gaussian_objective(num_candidates=8)._weights(values, log_base, None)
+    assert (seeking.diff(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("settings", [{"lookahead": "tweedie"}, {"variant": "sequence"}])
+def test_mean_value_estimate_needs_continuations(settings):
+    with pytest.raises(ConfigError, match="value_estimate"):
+        RGDMConfig(value_estimate="mean", **settings).validate()

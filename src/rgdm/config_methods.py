@@ -33,6 +33,7 @@ class RGDMConfig:
     lookahead: str = "continuation"  # V(z_s): "tweedie" (x0 estimate), "rollout" (DDIM to 0), "continuation" (M)
     lookahead_steps: int = 0  # steps of the "rollout" / "continuation" look-ahead; 0 = the roll-outs' own grid
     lookahead_samples: int = 2  # M continuations per candidate ("continuation" only)
+    value_estimate: str = "soft"  # V of M continuations: "soft" (tau log mean exp(r/tau): exact) or "mean"
     antithetic: bool = True  # candidates in pairs mu + delta ± std * eps (K even): no first-order 1/K bias
     value_shrinkage: bool = False  # step variant: shrink candidates' values toward their mean by their signal share
     weight_normalisation: str = "self"  # step variant: "self" (softmax over K) or "jackknife" (1/K bias removed)
@@ -65,6 +66,7 @@ class RGDMConfig:
         _check_choice("rgdm.sequence_loss", self.sequence_loss, ("path", "denoising"))
         _check_choice("rgdm.sequence_proposal", self.sequence_proposal, ("policy", "reference"))
         _check_choice("rgdm.weight_normalisation", self.weight_normalisation, ("self", "jackknife"))
+        _check_choice("rgdm.value_estimate", self.value_estimate, ("soft", "mean"))
         _check_range("rgdm.path_steps", self.path_steps, low=0)
         _check_range("rgdm.lookahead_steps", self.lookahead_steps, low=0)
         for key in ("batch_size", "num_candidates", "explore_steps", "num_probes",
@@ -93,6 +95,9 @@ class RGDMConfig:
                                      or self.lookahead_samples < 2):
             raise ConfigError("rgdm.value_shrinkage: measures the look-ahead's noise from its continuations, so it "
                               "needs variant: step, lookahead: continuation and lookahead_samples >= 2")
+        if self.value_estimate == "mean" and (self.variant != "step" or self.lookahead != "continuation"):
+            raise ConfigError("rgdm.value_estimate: chooses how M continuations make one value, so it needs "
+                              "variant: step and lookahead: continuation")
         if self.value_shrinkage and self.adapt_tau:
             raise ConfigError("rgdm.value_shrinkage and rgdm.adapt_tau: adapt_tau would rescale the shrunk values "
                               "back to its target ESS; use one of them")

@@ -56,19 +56,23 @@ def value_signal_fraction(values: Tensor) -> Tensor:
     return (1.0 - within / (m * between)).clamp(0.0, 1.0)
 
 
-def shrink_values(values: Tensor, tau: Tensor, fraction: Tensor) -> Tensor:
-    """Soft values V_k = tau log mean_m exp(v_km / tau) of [rows, K, M] look-ahead samples, shrunk
-    toward their mean over the K candidates by ``fraction`` (``value_signal_fraction``), [rows, K].
+def soft_values(values: Tensor, tau: Tensor) -> Tensor:
+    """tau log mean_m exp(v_km / tau) of [rows, K, M] look-ahead samples, [rows, K] (``tau``: [rows])."""
+    t = tau.view(*tau.shape, 1, 1)
+    return t.squeeze(-1) * (torch.logsumexp(values / t, dim=-1) - math.log(values.shape[-1]))
+
+
+def shrink_toward_mean(values: Tensor, fraction: Tensor) -> Tensor:
+    """Per-candidate values [rows, K] shrunk toward their mean over the K candidates by ``fraction``
+    (``value_signal_fraction``).
 
     This is the empirical-Bayes (James-Stein) estimate of each candidate's value: where the values
     are pure noise (fraction 0) every candidate gets the row's mean and the pay-off weights reduce to
     the proposal ratio, i.e. the reference step itself; where they are exact (fraction 1) nothing
     changes. For the weights it is a per-step temperature tau / fraction.
     """
-    t = tau.view(*tau.shape, 1, 1)
-    soft_values = t.squeeze(-1) * (torch.logsumexp(values / t, dim=-1) - math.log(values.shape[-1]))
-    mean = soft_values.mean(dim=-1, keepdim=True)
-    return mean + fraction * (soft_values - mean)
+    mean = values.mean(dim=-1, keepdim=True)
+    return mean + fraction * (values - mean)
 
 
 def temperature_for_ess(values: Tensor, log_base: Tensor, target_ess: float, low: float = 1e-3,

@@ -48,7 +48,8 @@ from rgdm.training.payoff_weights import (
     effective_sample_size,
     jackknife_weights,
     payoff_log_weights,
-    shrink_values,
+    shrink_toward_mean,
+    soft_values,
     temperature_for_ess,
     truncate_weights,
     value_signal_fraction,
@@ -181,18 +182,24 @@ class RGDMObjective:
         reweights values the normaliser has already seen (a replayed or pooled batch). The jackknife
         (over antithetic candidate groups) is the step variant's. With ``value_shrinkage`` the
         candidates' soft values are first shrunk toward their mean by the share of their spread that is
-        not look-ahead noise (``shrink_values``), estimated over all ``rows`` (one explored step).
+        not look-ahead noise (``shrink_toward_mean``), estimated over all ``rows`` (one explored step).
+        ``value_estimate: mean`` replaces the soft value of M continuations by their mean reward.
         """
         cfg = self.config
         if cfg.normalize_rewards and fit_normalizer:
             self.normalizer.update(values.reshape(-1), _per_value(targets, values))
         scaled = self._scaled(values, targets)
+        samples = _has_samples(values, log_base)
+        fraction = value_signal_fraction(scaled) if cfg.value_shrinkage and samples else None
+        if samples and cfg.value_estimate == "mean":  # risk-neutral: E[r], not the soft value's risk-seeking mean
+            scaled = scaled.mean(dim=-1)
         if cfg.adapt_tau:
             tau = temperature_for_ess(scaled, log_base, cfg.target_ess * log_base.shape[-1])
         else:
             tau = torch.full(log_base.shape[:-1], cfg.tau, dtype=values.dtype, device=values.device)
-        if cfg.value_shrinkage and _has_samples(values, log_base):
-            scaled = shrink_values(scaled, tau, value_signal_fraction(scaled))
+        if fraction is not None:
+            per_candidate = soft_values(scaled, tau) if scaled.dim() > log_base.dim() else scaled
+            scaled = shrink_toward_mean(per_candidate, fraction)
         log_weights = payoff_log_weights(scaled, tau, log_base)
         groups = log_base.shape[-1] // (2 if cfg.antithetic else 1)
         if cfg.weight_normalisation == "jackknife" and cfg.variant == "step" and groups >= 2:
