@@ -211,8 +211,8 @@ def test_continuation_lookahead_on_molecules_counts_every_reward_call(molecule_o
     assert torch.isfinite(loss) and 0 < metrics["ess"] <= k
 
 
-@pytest.mark.parametrize("explored_pool", [1, 2])
-def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_pool):
+@pytest.mark.parametrize("explored_pool, first_step_kl", [(1, 0.0), (2, 1.0)])
+def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_pool, first_step_kl):
     """A checkpoint taken between explorations carries the replayed batch: the resumed run goes on
     with it and ends where the uninterrupted run does."""
     from rgdm.config import FinetuneConfig, TrainConfig
@@ -224,7 +224,7 @@ def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_po
             name="ft", base=str(tiny_pretrained), reward={"name": "qed", "method": "edm", "backend": "inline"},
             rgdm=RGDMConfig(batch_size=3, sampling_steps=6, num_candidates=4, explore_steps=1, replay=2,
                             explore_t_max=0.5, lookahead="continuation", lookahead_samples=2, lookahead_steps=0,
-                            explored_pool=explored_pool),
+                            explored_pool=explored_pool, first_step_kl=first_step_kl),
             train=TrainConfig(steps=steps, lr=1e-3, ema_decay=0.0, log_every=1, val_every=100, checkpoint_every=100),
             eval_samples=0).validate()
 
@@ -240,6 +240,42 @@ def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_po
     assert a["objective"]["reward_calls"] == b["objective"]["reward_calls"]
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_first_step_kl_prices_a_drift_by_what_it_does_to_the_chain(molecule_objective, monkeypatch):
+    """The same noise-prediction drift d costs |d|^2 / 2 per dimension in the regression's units at
+    every step, but moves the first step's mean (sens_T / std_T)^2 times further in units of its own
+    noise: the exact KL of that step is that much larger (the negative control: zero without a drift)."""
+    objective = molecule_objective(first_step_kl=1.0)
+    policy = copy.deepcopy(objective.reference)
+    shard = BatchShard.of(objective.task.conditions(3, torch.Generator().manual_seed(0)))
+    assert objective._first_step_kl(policy, shard, torch.Generator().manual_seed(1)).item() < 1e-9
+    drift = 0.05 * shard.noise(policy, torch.Generator().manual_seed(2))
+    predict_eps = policy.predict_eps
+    monkeypatch.setattr(policy, "predict_eps", lambda z, t, mask=None, context=None: predict_eps(z, t, mask, context)
+                        + drift)
+    kl = objective._first_step_kl(policy, shard, torch.Generator().manual_seed(1))
+    grid = policy.time_grid(6)
+    t, s = objective._times(grid[0], grid[1], 3)
+    _, std = policy.step_distribution(shard.noise(policy, torch.Generator().manual_seed(1)), t, s,
+                                      shard.conditions.node_mask)
+    sensitivity = policy.mean_sensitivity(t, s)
+    cond = shard.conditions
+    epsilon_units = (0.5 * policy.sq_norm(drift, cond.node_mask) / policy.dof(drift, cond.node_mask)).sum() / 3
+    expected = epsilon_units * (sensitivity[0] / std[0]) ** 2
+    torch.testing.assert_close(kl, expected.to(kl.dtype), rtol=1e-3, atol=0.0)
+    assert (sensitivity[0] / std[0]) ** 2 > 10  # the first step amplifies, unlike the ones after it
+    t1, s1 = objective._times(grid[1], grid[2], 3)
+    assert policy.mean_sensitivity(t1, s1)[0] < sensitivity[0] / 5
+
+
+def test_first_step_kl_is_logged_and_adds_no_reward_calls(molecule_objective):
+    with_kl, without = molecule_objective(first_step_kl=1.0), molecule_objective()
+    policy = copy.deepcopy(with_kl.reference).requires_grad_(True)
+    _, metrics = with_kl.loss(policy, 0)
+    _, plain = without.loss(copy.deepcopy(policy), 0)
+    assert metrics["first_step_kl"] < 1e-9 and "first_step_kl" not in plain  # train mode vs eval: float noise
+    assert with_kl.reward_calls == without.reward_calls
 
 
 # -- value shrinkage: weights from the part of the values that is not look-ahead noise -------------- #
