@@ -77,6 +77,9 @@ SETTINGS: dict[str, dict] = {
     # candidates' values shrunk toward their mean by the share of their spread that is not continuation noise
     "window shrink": {**WINDOW, "value_shrinkage": True},
     "window t_max=1 shrink": {**WINDOW, "explore_t_max": 1.0, "value_shrinkage": True},
+    # the exact KL of the first reverse step to the reference (no reward calls)
+    "window first_step_kl=1": {**WINDOW, "first_step_kl": 1.0},
+    "window t_max=1 first_step_kl=1": {**WINDOW, "explore_t_max": 1.0, "first_step_kl": 1.0},
     # one continuation per candidate, the calls spent on more explored states instead
     "window M=1": {**WINDOW, "lookahead_samples": 1, "explore_steps": 4},
     "window M=1 K=4": {**WINDOW, "lookahead_samples": 1, "num_candidates": 4, "explore_steps": 8},
