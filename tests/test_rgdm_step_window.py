@@ -278,6 +278,29 @@ def test_first_step_kl_is_logged_and_adds_no_reward_calls(molecule_objective):
     assert with_kl.reward_calls == without.reward_calls
 
 
+def test_rwr_prices_the_first_step_too(tiny_pretrained):
+    """RWR gets the same term (its collapses on the physics reward start at the same step): plain RWR
+    keeps a frozen reference for it, logs it and spends no extra reward call; eta 0 has no KL."""
+    from rgdm.config import RWRConfig
+    from rgdm.rewards import make_reward
+    from rgdm.runs import load_model
+    from rgdm.training.rwr import RWRObjective
+    from rgdm.training.tasks import MoleculeTask
+
+    model = load_model(str(tiny_pretrained)).model
+    with make_reward({"name": "qed", "method": "edm", "backend": "inline"}) as reward:
+        settings = {"batch_size": 3, "sampling_steps": 6, "denoising_repeats": 1}
+        with_kl = RWRObjective(model, MoleculeTask(model, reward), RWRConfig(first_step_kl=1.0, **settings))
+        without = RWRObjective(model, MoleculeTask(model, reward), RWRConfig(**settings))
+        assert with_kl.reference is not None and without.reference is None
+        _, metrics = with_kl.loss(model, 0)
+        _, plain = without.loss(model, 0)
+    assert 0.0 <= metrics["first_step_kl"] < 1e-9 and "first_step_kl" not in plain
+    assert with_kl.reward_calls == without.reward_calls == 3
+    with pytest.raises(ConfigError, match="first_step_kl"):
+        RWRConfig(first_step_kl=1.0, eta=0.0).validate()
+
+
 # -- value shrinkage: weights from the part of the values that is not look-ahead noise -------------- #
 
 

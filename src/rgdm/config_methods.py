@@ -174,6 +174,7 @@ class RWRConfig:
     denoising_repeats: int = 4  # noise levels per sample in the weighted denoising loss
     lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
     mle_batch_size: int = 64  # molecules per data batch of that loss
+    first_step_kl: float = 0.0  # weight of the exact KL(pi_theta || pi_ref) of the first reverse step, as in RGDM
 
     def validate(self) -> None:
         _check_choice("rwr.variant", self.variant, RWR_VARIANTS)
@@ -181,8 +182,10 @@ class RWRConfig:
             _check_range(f"rwr.{key}", getattr(self, key), low=1)
         _check_range("rwr.sampling_steps", self.sampling_steps, low=0)
         _check_range("rwr.eta", self.eta, low=1e-6 if self.variant == "importance_ratio" else 0.0, high=1.0)
-        for key in ("beta", "lambda_mle"):
+        for key in ("beta", "lambda_mle", "first_step_kl"):
             _check_range(f"rwr.{key}", getattr(self, key), low=0.0)
+        if self.first_step_kl > 0 and self.eta <= 0:
+            raise ConfigError("rwr.first_step_kl: the KL of a step needs its std, so eta must be > 0")
 
 
 def ppo_clip_defaults() -> DDPOConfig:

@@ -57,7 +57,7 @@ from rgdm.training.payoff_weights import (
 from rgdm.training.rgdm_exploration import Exploration, explore, lookahead, unit_directions
 from rgdm.training.rgdm_sequence import ScoredRollouts, pool_weights, sequence_loss
 from rgdm.training.rgdm_state import pool_from_state, pool_to_state, replay_from_state, replay_to_state
-from rgdm.training.rollouts import collect_trajectories, reward_metrics, step_times
+from rgdm.training.rollouts import collect_trajectories, first_step_kl, reward_metrics, step_times
 from rgdm.training.tasks import BatchShard, Conditions, Task, task_stats
 
 __all__ = ["Exploration", "RGDMObjective", "ScoredRollouts", "effective_sample_size", "explore_sample",
@@ -287,23 +287,8 @@ class RGDMObjective:
         return shard, items, metrics
 
     def _first_step_kl(self, model: GaussianDiffusion, shard: BatchShard, generator) -> Tensor:
-        """This rank's share of the exact KL(pi_theta || pi_ref) per dimension of the first reverse step
-        T -> s, on fresh draws z_T of the prior (no roll-out, no reward call).
-
-        That step turns a noise-prediction error into a mean error alpha_s / alpha_T times larger (about
-        21 on qm9-noh-small's 30-step grid, against <= 1.4 at every other step), far more than its own std,
-        and no explored window reaches it; measured in noise-prediction units a drift there is almost
-        free, yet it throws the atoms apart and every later step then sees states it was never trained
-        on. The exact KL, |mean - mean_ref|^2 / (2 std^2), prices the drift by what it does to the chain.
-        """
-        cond, grid = shard.conditions, self._grid(model)
-        t, s = self._times(grid[0], grid[1], cond.batch_size)
-        z_T = shard.noise(model, generator)
-        mean, std = model.step_distribution(z_T, t, s, cond.node_mask, cond.context, self.config.eta)
-        with torch.no_grad():
-            reference_mean, _ = self.reference.step_distribution(z_T, t, s, cond.node_mask, cond.context,
-                                                                 self.config.eta)
-        return self._kl_to_reference(model, mean, reference_mean, std, cond.node_mask).sum() / shard.global_size
+        """The exact KL of the first reverse step to the reference (``rollouts.first_step_kl``)."""
+        return first_step_kl(model, self.reference, shard, generator, self._grid(model), self.config.eta)
 
     @staticmethod
     def _kl_to_reference(model: GaussianDiffusion, mean: Tensor, reference_mean: Tensor, scale: Tensor,

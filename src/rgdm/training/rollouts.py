@@ -58,6 +58,27 @@ def gaussian_kl(model: GaussianDiffusion, mean: Tensor, reference_mean: Tensor, 
     return 0.5 * model.sq_norm(mean - reference_mean, node_mask) / std**2
 
 
+def first_step_kl(model: GaussianDiffusion, reference: GaussianDiffusion, shard: BatchShard, generator,
+                  grid: list[int], eta: float) -> Tensor:
+    """This rank's share of the exact KL(pi_theta || pi_ref) per dimension of the first reverse step
+    grid[0] = T -> grid[1], on fresh draws z_T of the prior (no roll-out, no reward call).
+
+    That step turns a noise-prediction error into a mean error alpha_s / alpha_T times larger (about 21
+    on qm9-noh-small's 30-step grid, at most 1.4 at every later step), far more than its own std. A loss
+    in noise-prediction units barely sees a drift there, yet it throws the atoms apart and every later
+    step then sees states it was never trained on. The exact KL, |mean - mean_ref|^2 / (2 std^2), prices
+    the drift by what it does to the chain (docs/physics.md).
+    """
+    cond = shard.conditions
+    z_T = shard.noise(model, generator)
+    t, s = step_times(grid[0], grid[1], cond.batch_size, z_T.device)
+    mean, std = model.step_distribution(z_T, t, s, cond.node_mask, cond.context, eta)
+    with torch.no_grad():
+        reference_mean, _ = reference.step_distribution(z_T, t, s, cond.node_mask, cond.context, eta)
+    kl = gaussian_kl(model, mean, reference_mean, std, cond.node_mask) / model.dof(mean, cond.node_mask)
+    return kl.sum() / shard.global_size
+
+
 @torch.no_grad()
 def collect_trajectories(model: GaussianDiffusion, batch: BatchShard | Conditions, grid: list[int], eta: float,
                          generator: torch.Generator | None = None, reference: GaussianDiffusion | None = None,

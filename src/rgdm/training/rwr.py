@@ -36,7 +36,7 @@ from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.ddpo import checked_rewards
 from rgdm.training.normalizer import RewardNormalizer
 from rgdm.training.payoff_weights import effective_sample_size, truncate_weights
-from rgdm.training.rollouts import collect_trajectories, reward_metrics, weighted_denoising_loss
+from rgdm.training.rollouts import collect_trajectories, first_step_kl, reward_metrics, weighted_denoising_loss
 from rgdm.training.tasks import BatchShard, Task, task_stats
 
 
@@ -49,7 +49,7 @@ class RWRObjective:
         self.task = task
         self.seed = seed
         self.name = "rwr" if config.variant == "plain" else f"rwr-{config.variant.replace('_', '-')}"
-        needs_reference = config.variant != "plain"
+        needs_reference = config.variant != "plain" or config.first_step_kl > 0
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
         self.normalizer = RewardNormalizer(config.normalizer_buffer, config.normalizer_min_count)
         self.reward_calls = 0
@@ -70,6 +70,11 @@ class RWRObjective:
         x0 = model.snap_to_data(x0, shard.conditions.node_mask)
         loss = weighted_denoising_loss(model, x0, shard, shard.local(all_weights), cfg.denoising_repeats, generator)
         metrics = reward_metrics(scores)
+        if cfg.first_step_kl > 0:  # drawn after the samples and the loss's noise: those stay the same
+            grid = model.time_grid(cfg.sampling_steps or None)
+            first_kl = first_step_kl(model, self.reference, shard, generator, grid, cfg.eta)
+            loss = loss + cfg.first_step_kl * first_kl
+            metrics["first_step_kl"] = first_kl.item()  # this rank's share
         ess = effective_sample_size(log_weights).item()
         metrics.update({"ess": ess, "ess_fraction": ess / shard.global_size, "weight_max": all_weights.max().item()})
         data_loss = self.task.data_loss(model, step) if cfg.lambda_mle > 0 else None
