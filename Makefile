@@ -20,7 +20,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
