@@ -269,16 +269,15 @@ class RGDMObjective:
             t_int, s_int = grid[idx], grid[idx + 1]
             z_t = traj.states[idx]
             exp = self.explore(z_t, t_int, s_int, shard, generator)
-            all_weights, tau = self._weights(shard.gather(exp.values), shard.gather(exp.log_proposal_ratio),
-                                             shard.global_conditions.targets)
+            values, targets = shard.gather(exp.values), shard.global_conditions.targets
+            all_weights, tau = self._weights(values, shard.gather(exp.log_proposal_ratio), targets)
             items.append((z_t, t_int, s_int, exp, shard.local(all_weights)))
             probabilities = all_weights / all_weights.sum(-1, keepdim=True)
             ess_all.append(effective_sample_size(torch.log(probabilities.clamp(min=1e-30))).mean().item())
             entropy_all.append(-(probabilities * torch.log(probabilities.clamp(min=1e-30))).sum(-1).mean().item())
             tau_all.append(tau.mean().item())
-            values = shard.gather(exp.values)
             if _has_samples(values, exp.log_proposal_ratio):
-                signal_all.append(value_signal_fraction(self._scaled(values, shard.global_conditions.targets)).item())
+                signal_all.append(value_signal_fraction(self._scaled(values, targets)).item())
         metrics = reward_metrics(final)
         metrics.update({"ess": _mean(ess_all), "ess_fraction": _mean(ess_all) / cfg.num_candidates,
                         "weight_entropy": _mean(entropy_all), "tau": _mean(tau_all)})
