@@ -34,6 +34,7 @@ import torch
 def measure(args: argparse.Namespace) -> list[dict]:
     from rgdm.config import FinetuneConfig, from_dict, to_dict
     from rgdm.domains import domain_of_config
+    from rgdm.training.payoff_weights import value_signal_fraction, value_variances
     from rgdm.training.rgdm import RGDMObjective
     from rgdm.training.rollouts import collect_trajectories
     from rgdm.training.tasks import BatchShard
@@ -63,13 +64,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
         for idx in range(len(grid) - 1):
             t_int, s_int = grid[idx], grid[idx + 1]
             exp = objective.explore(traj.states[idx], t_int, s_int, shard, generator)
-            v = exp.values.double()  # [B, K, M] (or [B, K] at s = 0)
-            if v.dim() == 2:
-                v = v.unsqueeze(-1)
-            m = v.shape[-1]
-            within = v.var(dim=-1).mean().item() if m > 1 else 0.0
-            between = v.mean(dim=-1).var(dim=-1).mean().item()
-            fraction = 1.0 - within / (m * between) if between > 0 else 0.0
+            v = exp.values.double()  # [B, K, M] (or [B, K] at s = 0: the reward itself, no noise)
+            if v.dim() == 3:
+                within, between = (x.item() for x in value_variances(v))
+                fraction = value_signal_fraction(v, clamp=False).item()
+            else:
+                within, between, fraction = 0.0, v.var(dim=-1).mean().item(), 1.0
             rows.append({"t": t_int, "s": s_int, "t_fraction": t_int / model.timesteps, "within": within,
                          "between": between, "signal_fraction": fraction,
                          "value_mean": v.mean().item()})

@@ -30,11 +30,24 @@ def payoff_log_weights(values: Tensor, tau: Tensor, log_base: Tensor) -> Tensor:
     tau = tau.view(*tau.shape, *([1] * (values.dim() - tau.dim())))
     scaled = values / tau
     if values.dim() == log_base.dim() + 1:
-        scaled = torch.logsumexp(scaled, dim=-1) - math.log(values.shape[-1])
+        scaled = log_mean_exp(scaled)
     return scaled + log_base
 
 
-def value_signal_fraction(values: Tensor) -> Tensor:
+def log_mean_exp(x: Tensor) -> Tensor:
+    """log mean exp(x) along the last dimension."""
+    return torch.logsumexp(x, dim=-1) - math.log(x.shape[-1])
+
+
+def value_variances(values: Tensor) -> tuple[Tensor, Tensor]:
+    """(W, B) of [rows, K, M] look-ahead samples: the mean variance between the M samples of one
+    candidate, and the mean variance between the K candidates' M-sample means (means over rows)."""
+    if values.dim() != 3 or values.shape[-1] < 2:
+        raise ValueError(f"look-ahead variances need [rows, K, M >= 2] samples, got {tuple(values.shape)}")
+    return values.var(dim=-1).mean(), values.mean(dim=-1).var(dim=-1).mean()
+
+
+def value_signal_fraction(values: Tensor, clamp: bool = True) -> Tensor:
     """The share of the spread between candidates' estimated values that is not look-ahead noise.
 
     ``values`` is [rows, K, M]: M noisy look-ahead samples (stochastic continuations) of each of K
@@ -44,22 +57,23 @@ def value_signal_fraction(values: Tensor) -> Tensor:
         fraction = clamp(1 - W / (M · B), 0, 1)
 
     is the empirical-Bayes estimate of var(true values) / B, pooled over the rows (K and M are small).
-    0 when the candidates' values differ by no more than their noise (or not at all).
+    0 when the candidates' values differ by no more than their noise (or not at all). ``clamp=False``
+    keeps the raw estimate, which scatters below 0 by its own error where there is no signal.
     """
-    if values.dim() != 3 or values.shape[-1] < 2:
-        raise ValueError(f"value_signal_fraction needs [rows, K, M >= 2] look-ahead samples, got {tuple(values.shape)}")
-    m = values.shape[-1]
-    within = values.var(dim=-1).mean()
-    between = values.mean(dim=-1).var(dim=-1).mean()
+    within, between = value_variances(values)
     if between <= 0:
         return torch.zeros((), dtype=values.dtype, device=values.device)
-    return (1.0 - within / (m * between)).clamp(0.0, 1.0)
+    fraction = 1.0 - within / (values.shape[-1] * between)
+    return fraction.clamp(0.0, 1.0) if clamp else fraction
 
 
-def soft_values(values: Tensor, tau: Tensor) -> Tensor:
-    """tau log mean_m exp(v_km / tau) of [rows, K, M] look-ahead samples, [rows, K] (``tau``: [rows])."""
-    t = tau.view(*tau.shape, 1, 1)
-    return t.squeeze(-1) * (torch.logsumexp(values / t, dim=-1) - math.log(values.shape[-1]))
+def soft_values(values: Tensor, tau: Tensor | float) -> Tensor:
+    """The soft value tau log mean_m exp(v_m / tau) of M look-ahead samples along the last dimension of
+    ``values``; ``tau`` is a number or one temperature per row (a prefix of the leading dimensions)."""
+    if not isinstance(tau, Tensor):
+        return tau * log_mean_exp(values / tau)
+    t = tau.view(*tau.shape, *([1] * (values.dim() - tau.dim())))
+    return t.squeeze(-1) * log_mean_exp(values / t)
 
 
 def shrink_toward_mean(values: Tensor, fraction: Tensor) -> Tensor:

@@ -12,7 +12,6 @@ they use.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from rgdm.diffusion.gaussian import GaussianDiffusion
+from rgdm.training.payoff_weights import soft_values
 from rgdm.training.tasks import BatchShard, Conditions, Scores
 
 if TYPE_CHECKING:
@@ -202,5 +202,4 @@ def point_values(objective: RGDMObjective, z_s: Tensor, s_int: int, cond: Condit
     values, _ = lookahead(objective, z_s, s_int, cond, shard, repeats, generator)
     if values.dim() == 1:
         return values
-    return objective.config.tau * (torch.logsumexp(values / objective.config.tau, dim=-1)
-                                   - math.log(values.shape[-1]))
+    return soft_values(values, objective.config.tau)
