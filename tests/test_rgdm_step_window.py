@@ -8,6 +8,7 @@ checks on the tiny pre-trained QM9 model with RDKit's QED.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -299,6 +300,36 @@ def test_rwr_prices_the_first_step_too(tiny_pretrained):
     assert with_kl.reward_calls == without.reward_calls == 3
     with pytest.raises(ConfigError, match="first_step_kl"):
         RWRConfig(first_step_kl=1.0, eta=0.0).validate()
+
+
+
+@pytest.mark.parametrize("method", ["ddpo", "ppo"])
+def test_ddpo_and_ppo_price_the_first_step_too(tiny_pretrained, method):
+    """DDPO_IS and PPO-clip get the same term: it adds exactly w · KL to the policy loss (whose random
+    numbers it leaves alone), it is positive once the policy drifts from the reference, and it spends
+    no reward call."""
+    from rgdm.config import DDPOConfig, ppo_clip_defaults
+    from rgdm.rewards import make_reward
+    from rgdm.runs import load_model
+    from rgdm.training.ddpo import DDPOObjective
+    from rgdm.training.tasks import MoleculeTask
+
+    model = load_model(str(tiny_pretrained)).model
+    settings = {"batch_size": 4, "sampling_steps": 6}
+    base = ppo_clip_defaults() if method == "ppo" else DDPOConfig()
+    config = lambda **kw: dataclasses.replace(base, **settings, **kw)  # noqa: E731
+    with make_reward({"name": "qed", "method": "edm", "backend": "inline"}) as reward:
+        with_kl = DDPOObjective(model, MoleculeTask(model, reward), config(first_step_kl=2.0))
+        with torch.no_grad():  # drift after the reference was frozen
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+        without = DDPOObjective(model, MoleculeTask(model, reward), config())
+        assert with_kl.reference is not None and without.reference is None
+        loss, metrics = with_kl.loss(model, 0)
+        plain_loss, plain = without.loss(model, 0)
+    assert metrics["first_step_kl"] > 1e-6 and "first_step_kl" not in plain
+    assert loss.item() == pytest.approx(plain_loss.item() + 2.0 * metrics["first_step_kl"], rel=1e-5, abs=1e-7)
+    assert with_kl.reward_calls == without.reward_calls == 4
 
 
 # -- value shrinkage: weights from the part of the values that is not look-ahead noise -------------- #

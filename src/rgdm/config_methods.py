@@ -129,6 +129,7 @@ class DDPOConfig:
     kl_coef: float = 0.0  # DPOK's per-step KL penalty to the frozen reference (0 disables it)
     lambda_mle: float = 0.0  # weight of the denoising loss on data, as in RGDM
     mle_batch_size: int = 64  # molecules per data batch of that loss
+    first_step_kl: float = 0.0  # weight of the exact KL(pi_theta || pi_ref) of the first reverse step, as in RGDM
 
     @property
     def updates_per_batch(self) -> int:
@@ -147,6 +148,7 @@ class DDPOConfig:
         _check_range("ddpo.timestep_fraction", self.timestep_fraction, low=1e-6, high=1.0)
         _check_range("ddpo.kl_coef", self.kl_coef, low=0.0)
         _check_range("ddpo.lambda_mle", self.lambda_mle, low=0.0)
+        _check_range("ddpo.first_step_kl", self.first_step_kl, low=0.0)
         if self.variant == "sf" and self.updates_per_batch != 1:
             raise ConfigError("ddpo.inner_epochs: the score-function variant is on-policy; use inner_epochs = 1 "
                               "and minibatches = 1 (or variant 'is')")

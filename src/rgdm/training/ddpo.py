@@ -44,7 +44,7 @@ from rgdm import distributed
 from rgdm.config import DDPOConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion
 from rgdm.training.normalizer import RewardNormalizer
-from rgdm.training.rollouts import Trajectories, collect_trajectories, gaussian_kl, reward_metrics
+from rgdm.training.rollouts import Trajectories, collect_trajectories, first_step_kl, gaussian_kl, reward_metrics
 from rgdm.training.tasks import BatchShard, Conditions, Scores, Task, task_stats
 
 # ------------------------------------------------------------------------------------------------- #
@@ -154,7 +154,8 @@ class DDPOObjective:
         self.task = task
         self.seed = seed
         self.name = name or f"ddpo-{config.variant}" + ("-kl" if config.kl_coef > 0 else "")
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
+        needs_reference = config.kl_coef > 0 or config.first_step_kl > 0
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
         self.tracker = RewardNormalizer(config.tracker_buffer, config.tracker_min_count)
         self.reward_calls = 0
         self.batch: ReplayBatch | None = None
@@ -169,6 +170,12 @@ class DDPOObjective:
             update = 0
         rows = self._minibatch(update)
         loss, metrics = self._policy_loss(model, rows, generator)
+        if cfg.first_step_kl > 0:  # drawn after the policy loss's steps: those stay the same
+            grid = model.time_grid(cfg.sampling_steps or None)
+            prior = BatchShard.of(self.task.conditions(cfg.batch_size, generator))  # fresh node counts too
+            first_kl = first_step_kl(model, self.reference, prior, generator, grid, cfg.eta)
+            loss = loss + cfg.first_step_kl * first_kl
+            metrics["first_step_kl"] = first_kl.item()
         data_loss = self.task.data_loss(model, step) if cfg.lambda_mle > 0 else None
         if data_loss is not None:
             loss = loss + cfg.lambda_mle * data_loss
@@ -184,7 +191,8 @@ class DDPOObjective:
         cfg = self.config
         shard = BatchShard.of(self.task.conditions(cfg.batch_size, generator))
         grid = model.time_grid(cfg.sampling_steps or None)
-        traj = collect_trajectories(model, shard, grid, cfg.eta, generator, self.reference)
+        kl_reference = self.reference if cfg.kl_coef > 0 else None
+        traj = collect_trajectories(model, shard, grid, cfg.eta, generator, kl_reference)
         scores = self.task.score(traj.x0, shard.conditions).gathered(shard)
         self.reward_calls += shard.global_size
         rewards = checked_rewards(scores)
@@ -247,7 +255,7 @@ class DDPOObjective:
             # Diagnostics of this rank's terms (rank 0's are logged).
             metrics["approx_kl"] = 0.5 * log_ratio.detach().pow(2).mean().item()
             metrics["clip_fraction"] = ((ratio.detach() - 1.0).abs() > cfg.clip_range).float().mean().item()
-        if self.reference is not None:
+        if cfg.kl_coef > 0:
             reference_mean, _ = self.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
             kl = gaussian_kl(model, mean, reference_mean, std, cond.node_mask) / dof
             loss = loss + cfg.kl_coef * kl.sum() / n_terms
