@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import Tensor
 
 from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
@@ -212,8 +213,10 @@ def test_continuation_lookahead_on_molecules_counts_every_reward_call(molecule_o
     assert torch.isfinite(loss) and 0 < metrics["ess"] <= k
 
 
-@pytest.mark.parametrize("explored_pool, first_step_kl", [(1, 0.0), (2, 1.0)])
-def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_pool, first_step_kl):
+@pytest.mark.parametrize("explored_pool, first_step_kl, early_sequence_weight", [(1, 0.0, 0.0), (2, 1.0, 0.0),
+                                                                                 (1, 0.0, 1.0)])
+def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_pool, first_step_kl,
+                                          early_sequence_weight):
     """A checkpoint taken between explorations carries the replayed batch: the resumed run goes on
     with it and ends where the uninterrupted run does."""
     from rgdm.config import FinetuneConfig, TrainConfig
@@ -225,7 +228,8 @@ def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_po
             name="ft", base=str(tiny_pretrained), reward={"name": "qed", "method": "edm", "backend": "inline"},
             rgdm=RGDMConfig(batch_size=3, sampling_steps=6, num_candidates=4, explore_steps=1, replay=2,
                             explore_t_max=0.5, lookahead="continuation", lookahead_samples=2, lookahead_steps=0,
-                            explored_pool=explored_pool, first_step_kl=first_step_kl),
+                            explored_pool=explored_pool, first_step_kl=first_step_kl,
+                            early_sequence_weight=early_sequence_weight),
             train=TrainConfig(steps=steps, lr=1e-3, ema_decay=0.0, log_every=1, val_every=100, checkpoint_every=100),
             eval_samples=0).validate()
 
@@ -236,6 +240,7 @@ def test_resume_mid_replay_is_bit_for_bit(tmp_path, tiny_pretrained, explored_po
     finetune(config(3), tmp_path / "b", progress=False, tensorboard=False)  # checkpoint mid-way through a replay
     assert "replay_cache" in final(tmp_path / "b")["objective"]
     assert len(final(tmp_path / "b")["objective"].get("explored_pool", [])) == (2 if explored_pool > 1 else 0)
+    assert (final(tmp_path / "b")["objective"]["replay_cache"]["early"] is None) == (early_sequence_weight == 0)
     finetune(config(4), tmp_path / "b", resume=True, progress=False, tensorboard=False)
     a, b = final(tmp_path / "a"), final(tmp_path / "b")
     assert a["objective"]["reward_calls"] == b["objective"]["reward_calls"]
@@ -330,6 +335,48 @@ def test_ddpo_and_ppo_price_the_first_step_too(tiny_pretrained, method):
     assert metrics["first_step_kl"] > 1e-6 and "first_step_kl" not in plain
     assert loss.item() == pytest.approx(plain_loss.item() + 2.0 * metrics["first_step_kl"], rel=1e-5, abs=1e-7)
     assert with_kl.reward_calls == without.reward_calls == 4
+
+
+
+# -- the hybrid: whole-trajectory weights for the steps before the window --------------------------- #
+
+
+def early_offsets_after_training(steps: int = 12, **config) -> Tensor:
+    """The offset knots e(t) of the analytic model for t >= 50 (steps no window below reaches) after
+    ``steps`` SGD steps of the step level on the linear reward x_1 + x_2, window t <= 0.3 T."""
+    objective = gaussian_objective(explore_t_max=0.3, explore_steps=2, batch_size=16, replay=1, **config)
+    model = copy.deepcopy(objective.reference).requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        loss, metrics = objective.loss(model, step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.denoiser.knots.detach()[10:]
+
+
+def test_hybrid_moves_the_early_steps_toward_the_reward_and_only_by_it():
+    """early_sequence_weight: the steps before the window learn from the roll-outs' own rewards. On
+    the linear reward the early offsets rise on every knot; with flat weights (tau = 1e6) the control
+    variate leaves them exactly where they were (no drift from fitting the model's own steps), and
+    without the term (the negative control) nothing reaches them."""
+    hybrid = early_offsets_after_training(early_sequence_weight=1.0, tau=1.0)
+    assert (hybrid.sum(-1) > 0).all() and hybrid.mean() > 1e-3, hybrid
+    flat = early_offsets_after_training(early_sequence_weight=1.0, tau=1e6)
+    assert flat.abs().max() < 1e-4 * hybrid.abs().max(), flat  # tau = 1e6: weights uniform to ~1e-6
+    assert early_offsets_after_training(tau=1.0).abs().max() == 0.0
+
+
+def test_hybrid_spends_no_extra_reward_call_and_needs_the_step_level():
+    with_early = gaussian_objective(explore_t_max=0.3, early_sequence_weight=1.0)
+    plain = gaussian_objective(explore_t_max=0.3)
+    model = copy.deepcopy(plain.reference).requires_grad_(True)
+    _, metrics = with_early.loss(model, 0)
+    _, plain_metrics = plain.loss(model, 0)
+    assert with_early.reward_calls == plain.reward_calls
+    assert 1.0 <= metrics["early_ess"] <= 4 and "early_ess" not in plain_metrics
+    with pytest.raises(ConfigError, match="early_sequence_weight"):
+        RGDMConfig(variant="sequence", early_sequence_weight=1.0).validate()
 
 
 # -- value shrinkage: weights from the part of the values that is not look-ahead noise -------------- #

@@ -49,6 +49,7 @@ class RGDMConfig:
     mle_batch_size: int = 32
     kl_weight: float = 0.0  # optional KL(pi_theta || pi_ref) per explored step
     first_step_kl: float = 0.0  # weight of the exact KL(pi_theta || pi_ref) of the first reverse step (t = T)
+    early_sequence_weight: float = 0.0  # step variant: sequence-weighted path loss on the steps before the window
     truncate_weights: bool = True  # sequence variant: cap weights at sqrt(N) x their mean (Ionides 2008)
     sequence_loss: str = "denoising"  # sequence variant: "denoising" (weighted x0 fit) or "path" (exact, see docs)
     path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
@@ -82,7 +83,7 @@ class RGDMConfig:
         _check_range("rgdm.target_ess", self.target_ess, low=1e-3, high=1.0)
         if not 0.0 < self.explore_t_max <= 1.0:
             raise ConfigError(f"rgdm.explore_t_max: a fraction of the horizon in (0, 1], got {self.explore_t_max}")
-        for key in ("lambda_mle", "kl_weight", "first_step_kl", "fd_jitter"):
+        for key in ("lambda_mle", "kl_weight", "first_step_kl", "early_sequence_weight", "fd_jitter"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=0.0)
         if self.variant == "step" and self.antithetic and self.num_candidates % 2:
             raise ConfigError(f"rgdm.num_candidates: antithetic candidates come in pairs, {self.num_candidates} is odd "
@@ -102,6 +103,9 @@ class RGDMConfig:
         if self.value_shrinkage and self.adapt_tau:
             raise ConfigError("rgdm.value_shrinkage and rgdm.adapt_tau: adapt_tau would rescale the shrunk values "
                               "back to its target ESS; use one of them")
+        if self.early_sequence_weight > 0 and self.variant != "step":
+            raise ConfigError("rgdm.early_sequence_weight: weights the steps before the step level's explored "
+                              "window, so it needs variant: step")
         if self.shift == "best_probe" and self.num_probes < self.num_candidates - 1:
             raise ConfigError("rgdm.num_probes: best_probe needs at least num_candidates - 1 probes")
 

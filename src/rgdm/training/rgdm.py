@@ -55,7 +55,14 @@ from rgdm.training.payoff_weights import (
     value_signal_fraction,
 )
 from rgdm.training.rgdm_exploration import Exploration, explore, lookahead, unit_directions
-from rgdm.training.rgdm_sequence import ScoredRollouts, pool_weights, sequence_loss
+from rgdm.training.rgdm_sequence import (
+    EarlyPath,
+    ScoredRollouts,
+    early_path,
+    early_path_loss,
+    pool_weights,
+    sequence_loss,
+)
 from rgdm.training.rgdm_state import pool_from_state, pool_to_state, replay_from_state, replay_to_state
 from rgdm.training.rollouts import collect_trajectories, first_step_kl, reward_metrics, step_times
 from rgdm.training.tasks import BatchShard, Conditions, Task, task_stats
@@ -234,9 +241,12 @@ class RGDMObjective:
         # ``explored_pool`` > 1: the last explored batches together (each target is exact whenever it was
         # explored), so an optimizer step averages more states at no extra reward call.
         explorations = self._explored or [cached]
-        count = sum(len(items) for _, _, items, _ in explorations)
+        count = sum(len(items) for _, _, items, _, _ in explorations)
         total = 0.0
-        for _, shard, items, _ in explorations:
+        for _, shard, items, _, early in explorations:
+            if early is not None:  # the hybrid: sequence weights on the steps before the window
+                early_loss = early_path_loss(self, model, early, shard)
+                total = total + cfg.early_sequence_weight * early_loss / len(explorations)
             cond = shard.conditions
             for z_t, t_int, s_int, exp, weights in items:
                 t, s = self._times(t_int, s_int, cond.batch_size)
@@ -252,9 +262,12 @@ class RGDMObjective:
         return total, dict(cached[3])
 
     @torch.no_grad()
-    def _explore_batch(self, model: GaussianDiffusion, shard: BatchShard, generator) -> tuple[BatchShard, list, dict]:
+    def _explore_batch(self, model: GaussianDiffusion, shard: BatchShard,
+                       generator) -> tuple[BatchShard, list, dict, EarlyPath | None]:
         """Roll out the current model, explore ``explore_steps`` of its states inside the window and
-        weight the candidates: (shard, [(z_t, t, s, exploration, local weights)], metrics)."""
+        weight the candidates: (shard, [(z_t, t, s, exploration, local weights)], metrics, early path).
+        With ``early_sequence_weight`` > 0 the roll-outs' steps before the window are kept with their
+        sequence-level weights (``rgdm_sequence.early_path``; no extra reward call), else None."""
         cfg, cond = self.config, shard.conditions
         grid = self._grid(model)
         traj = collect_trajectories(model, shard, grid, cfg.eta, generator, stochastic=False)
@@ -283,7 +296,12 @@ class RGDMObjective:
                         "weight_entropy": _mean(entropy_all), "tau": _mean(tau_all)})
         if signal_all:  # the share of the candidates' value spread that is not look-ahead noise
             metrics["value_signal"] = _mean(signal_all)
-        return shard, items, metrics
+        early = None
+        before = [i for i in range(len(grid) - 1) if i < min(window)]
+        if cfg.early_sequence_weight > 0 and before:  # after the candidates: the normaliser has seen the batch
+            early, early_metrics = early_path(self, model, traj, final.values, shard, before)
+            metrics.update(early_metrics)
+        return shard, items, metrics, early
 
     def _first_step_kl(self, model: GaussianDiffusion, shard: BatchShard, generator) -> Tensor:
         """The exact KL of the first reverse step to the reference (``rollouts.first_step_kl``)."""

@@ -162,3 +162,74 @@ def path_loss(objective: RGDMObjective, model: GaussianDiffusion, rollouts: Scor
         nll = 0.5 * model.sq_norm(mean - target, cond.node_mask) / scale**2 / model.dof(z_t, cond.node_mask)
         total = total + (row_weights * nll).sum()
     return total / len(picks)
+
+
+# ------------------------------------------------------------------------------------------------- #
+# The hybrid: sequence weights for the steps before the step level's explored window.
+
+
+@dataclass
+class EarlyPath:
+    """The steps of one exploration's roll-outs that lie before the explored window, and their
+    sequence-level weights (``RGDMConfig.early_sequence_weight``).
+
+    The weights are exp(r(x_0) / tau) · pi_ref / pi_sampler over these steps only, self-normalised over
+    the global batch and truncated relative to it; ``sampler_mean`` is the mean of the policy that
+    took each step, so that the control variate stays exact when the batch is replayed after the
+    policy has moved.
+    """
+
+    times: list[tuple[int, int]]  # (t, s) of each step
+    z_t: Tensor  # [P, B_local, ...] states entering the steps
+    z_s: Tensor  # [P, B_local, ...] states the sampler stepped to
+    sampler_mean: Tensor  # [P, B_local, ...]
+    weights: Tensor  # [B_local], normalised over the global batch
+
+
+@torch.no_grad()
+def early_path(objective: RGDMObjective, model: GaussianDiffusion, traj, values: Tensor, shard: BatchShard,
+               pairs: list[int]) -> tuple[EarlyPath, dict[str, float]]:
+    """The ``EarlyPath`` of roll-outs ``traj`` (rewards ``values`` of the global batch) over the grid
+    steps ``pairs``, and the weights' diagnostics. No reward call: the roll-outs' own rewards."""
+    cfg, cond = objective.config, shard.conditions
+    times, means, log_ratio = [], [], 0.0
+    for idx in pairs:
+        t_int, s_int = traj.grid[idx], traj.grid[idx + 1]
+        t, s = objective._times(t_int, s_int, cond.batch_size)
+        z_t, z_s = traj.states[idx], traj.states[idx + 1]
+        mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+        ref_mean, _ = objective.reference.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+        log_ratio = log_ratio + (model.log_prob(z_s, ref_mean, std, cond.node_mask)
+                                 - model.log_prob(z_s, mean, std, cond.node_mask))
+        times.append((t_int, s_int))
+        means.append(mean)
+    log_ratio = shard.gather(log_ratio)
+    targets = shard.global_conditions.targets
+    weights, _ = objective._weights(values.unsqueeze(0), log_ratio.unsqueeze(0),
+                                    None if targets is None else targets.unsqueeze(0), fit_normalizer=False)
+    weights = weights.squeeze(0)
+    metrics = {"early_ess": effective_sample_size(torch.log(weights.clamp(min=1e-30))).item(),
+               "early_log_ratio_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0}
+    if cfg.truncate_weights:
+        weights = truncate_weights(weights)
+    index = torch.tensor(pairs, device=traj.states.device)
+    path = EarlyPath(times, traj.states[index], traj.states[index + 1], torch.stack(means), shard.local(weights))
+    return path, metrics
+
+
+def early_path_loss(objective: RGDMObjective, model: GaussianDiffusion, early: EarlyPath,
+                    shard: BatchShard) -> Tensor:
+    """This rank's share of -Σ_i w_i · mean_steps log pi_theta(z_s^i | z_t^i) / dof over ``early``'s
+    steps, with the control variate of ``path_loss`` (gradient -Σ_i (w_i - 1/N)(z_s - mean_i) at the
+    sampler): zero in expectation at uniform weights, so the steps are moved only by the rewards."""
+    cfg, cond = objective.config, shard.conditions
+    ratio = (early.weights * shard.global_size).view(-1, *([1] * (early.z_t.dim() - 2)))
+    total = 0.0
+    for (t_int, s_int), z_t, z_s, sampler_mean in zip(early.times, early.z_t, early.z_s, early.sampler_mean):
+        t, s = objective._times(t_int, s_int, cond.batch_size)
+        mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+        scale = objective._step_scale(model, std, t, s)
+        target = mean.detach() + ratio * (z_s - mean.detach()) - (z_s - sampler_mean)
+        nll = 0.5 * model.sq_norm(mean - target, cond.node_mask) / scale**2 / model.dof(z_t, cond.node_mask)
+        total = total + nll.sum() / shard.global_size
+    return total / max(1, len(early.times))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rgdm.training.rgdm_exploration import Exploration
-from rgdm.training.rgdm_sequence import ScoredRollouts
+from rgdm.training.rgdm_sequence import EarlyPath, ScoredRollouts
 from rgdm.training.tasks import BatchShard, Conditions
 
 _EXPLORATION_FIELDS = ("candidates", "perturbations", "log_proposal_ratio", "values", "valid", "reward_calls",
@@ -30,18 +30,25 @@ def shard_from_state(state: dict[str, Any]) -> BatchShard:
 
 def replay_to_state(cached: tuple) -> dict[str, Any]:
     """A replayed exploration as plain tensors and numbers."""
-    step, shard, items, metrics = cached
+    step, shard, items, metrics, early = cached
     return {"step": step, **shard_to_state(shard), "metrics": dict(metrics),
             "items": [{"z_t": z_t, "t": t_int, "s": s_int, "weights": weights,
                        **{name: getattr(exp, name) for name in _EXPLORATION_FIELDS}}
-                      for z_t, t_int, s_int, exp, weights in items]}
+                      for z_t, t_int, s_int, exp, weights in items],
+            "early": None if early is None else {"times": [list(pair) for pair in early.times], "z_t": early.z_t,
+                                                 "z_s": early.z_s, "sampler_mean": early.sampler_mean,
+                                                 "weights": early.weights}}
 
 
 def replay_from_state(state: dict[str, Any]) -> tuple:
     shard = shard_from_state(state)
     items = [(item["z_t"], item["t"], item["s"], Exploration(**{name: item[name] for name in _EXPLORATION_FIELDS}),
               item["weights"]) for item in state["items"]]
-    return state["step"], shard, items, state["metrics"]
+    early = state.get("early")
+    if early is not None:
+        early = EarlyPath([tuple(pair) for pair in early["times"]], early["z_t"], early["z_s"], early["sampler_mean"],
+                          early["weights"])
+    return state["step"], shard, items, state["metrics"], early
 
 
 def pool_to_state(pool: list[ScoredRollouts]) -> list[dict[str, Any]]:
