@@ -27,12 +27,16 @@ def final_state(run_dir):
     return load_checkpoint(checkpoint_paths(run_dir / "checkpoints")[-1])
 
 
-@pytest.mark.parametrize("method, variant", [("rgdm", "step"), ("rgdm", "sequence"), ("ddpo", "step"),
-                                             ("rwr", "step")])
-def test_finetune_resume_is_bit_for_bit(tmp_path, tiny_pretrained, method, variant):
-    """Every method of `rgdm finetune`; DDPO resumes mid-way through a collected batch (2 minibatches)."""
+REFRESHED = {"variant": "sequence", "sequence_loss": "path", "reference_refresh": 2, "first_step_kl": 1.0}
+
+
+@pytest.mark.parametrize("method, settings", [("rgdm", {"variant": "step"}), ("rgdm", {"variant": "sequence"}),
+                                              ("rgdm", REFRESHED), ("ddpo", {}), ("rwr", {})])
+def test_finetune_resume_is_bit_for_bit(tmp_path, tiny_pretrained, method, settings):
+    """Every method of `rgdm finetune`; DDPO resumes mid-way through a collected batch (2 minibatches);
+    the refreshed reference of RGDM (copied at steps 2 and 4, resumed at 3) comes back with the run."""
     n = 3
-    config = lambda steps: tiny_finetune_config(tiny_pretrained, steps, method, variant=variant)  # noqa: E731
+    config = lambda steps: tiny_finetune_config(tiny_pretrained, steps, method, **settings)  # noqa: E731
     finetune(config(2 * n), tmp_path / "a", progress=False, tensorboard=False)
     finetune(config(n), tmp_path / "b", progress=False, tensorboard=False)
     finetune(config(2 * n), tmp_path / "b", resume=True, progress=False, tensorboard=False)

@@ -445,3 +445,33 @@ def test_mean_value_estimate_is_risk_neutral():
 def test_mean_value_estimate_needs_continuations(settings):
     with pytest.raises(ConfigError, match="value_estimate"):
         RGDMConfig(value_estimate="mean", **settings).validate()
+
+
+# -- a refreshed reference: trust-region iterations instead of one fixed pay-off -------------------- #
+
+
+def test_reference_refresh_copies_the_policy_every_r_steps():
+    """reference_refresh = 2: the reference is the pre-trained model for steps 0-1, the policy of the
+    start of step 2 for steps 2-3, and so on; with 0 (the negative control) it never moves."""
+    def run(refresh: int) -> list[Tensor]:
+        objective = gaussian_objective(replay=1, reference_refresh=refresh)
+        model = copy.deepcopy(objective.reference).requires_grad_(True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        seen, policies = [], []
+        for step in range(5):
+            policies.append(model.denoiser.knots.detach().clone())
+            loss, _ = objective.loss(model, step)
+            seen.append(objective.reference.denoiser.knots.detach().clone())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return seen, policies
+
+    seen, policies = run(2)
+    assert not torch.equal(policies[2], policies[0]) and not torch.equal(policies[4], policies[2])
+    for step, expected in enumerate([0, 0, 2, 2, 4]):
+        assert torch.equal(seen[step], policies[expected]), step
+    frozen, policies = run(0)
+    assert all(torch.equal(knots, policies[0]) for knots in frozen)
+    with pytest.raises(ConfigError, match="reference_refresh"):
+        RGDMConfig(variant="sequence", reference_refresh=2, sequence_pool=2).validate()

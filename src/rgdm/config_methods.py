@@ -50,6 +50,7 @@ class RGDMConfig:
     kl_weight: float = 0.0  # optional KL(pi_theta || pi_ref) per explored step
     first_step_kl: float = 0.0  # weight of the exact KL(pi_theta || pi_ref) of the first reverse step (t = T)
     early_sequence_weight: float = 0.0  # step variant: sequence-weighted path loss on the steps before the window
+    reference_refresh: int = 0  # optimizer steps between copies of the policy into pi_ref (0: pi_ref stays frozen)
     truncate_weights: bool = True  # sequence variant: cap weights at sqrt(N) x their mean (Ionides 2008)
     sequence_loss: str = "denoising"  # sequence variant: "denoising" (weighted x0 fit) or "path" (exact, see docs)
     path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
@@ -71,6 +72,7 @@ class RGDMConfig:
         _check_choice("rgdm.value_estimate", self.value_estimate, ("soft", "mean"))
         _check_range("rgdm.path_steps", self.path_steps, low=0)
         _check_range("rgdm.lookahead_steps", self.lookahead_steps, low=0)
+        _check_range("rgdm.reference_refresh", self.reference_refresh, low=0)
         for key in ("batch_size", "num_candidates", "explore_steps", "num_probes",
                     "lookahead_samples", "normalizer_buffer", "normalizer_min_count", "mle_batch_size",
                     "denoising_repeats", "replay", "explored_pool", "sequence_replay",
@@ -103,6 +105,9 @@ class RGDMConfig:
         if self.value_shrinkage and self.adapt_tau:
             raise ConfigError("rgdm.value_shrinkage and rgdm.adapt_tau: adapt_tau would rescale the shrunk values "
                               "back to its target ESS; use one of them")
+        if self.reference_refresh and self.variant == "sequence" and reuse:
+            raise ConfigError("rgdm.reference_refresh: a refreshed reference would make the replayed or pooled "
+                              "batches' weights stale; use sequence_replay: 1 and sequence_pool: 1")
         if self.early_sequence_weight > 0 and self.variant != "step":
             raise ConfigError("rgdm.early_sequence_weight: weights the steps before the step level's explored "
                               "window, so it needs variant: step")

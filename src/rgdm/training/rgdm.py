@@ -79,6 +79,11 @@ class RGDMObjective:
     the global batch, see ``BatchShard``) and calls the reward on its own samples; rewards are
     gathered so that the normaliser, the temperature and the weights are those of the whole batch
     on every rank, and each rank's loss is the sum over its rows divided by the global batch size.
+
+    ``reference_refresh: R`` copies the policy into the reference every R optimizer steps: each segment
+    then targets the pay-off of the last copy, pi_k · exp(r / tau), a KL-bounded improvement step (mirror
+    descent on the reward) instead of one fixed pay-off of the pre-trained model. The targets then keep
+    climbing the reward, and the importance ratios of the sequence level stay near 1.
     """
 
     def __init__(self, model: GaussianDiffusion, task: Task, config: RGDMConfig, seed: int = 0):
@@ -161,6 +166,9 @@ class RGDMObjective:
         generator = distributed.generator_on(distributed.module_device(model), self.seed * 1_000_003 + step)
         shard = BatchShard.of(self.task.conditions(self.config.batch_size, generator))
         self._local_calls = 0
+        refresh = self.config.reference_refresh
+        if refresh and step > 0 and step % refresh == 0:  # a trust-region iteration: the pay-off of the last copy
+            self.reference.load_state_dict(model.state_dict())
         if self.config.variant == "sequence":
             loss, metrics = sequence_loss(self, model, shard, generator, step)
         else:
