@@ -189,7 +189,7 @@ class RGDMObjective:
         return loss, metrics
 
     def _weights(self, values: Tensor, log_base: Tensor, targets: Tensor | None,
-                 fit_normalizer: bool = True) -> tuple[Tensor, Tensor]:
+                 fit_normalizer: bool = True, candidates: bool = True) -> tuple[Tensor, Tensor]:
         """Self-normalised pay-off weights along the candidates' dim and the temperature used, per row.
 
         ``values`` is [rows, K] or [rows, K, M] (M look-ahead samples), ``log_base`` [rows, K] and
@@ -199,7 +199,8 @@ class RGDMObjective:
         Called with the *global* batch's values on every rank, so that the normaliser's state and the
         weights are identical across ranks (and to a single-process run). ``fit_normalizer=False``
         reweights values the normaliser has already seen (a replayed or pooled batch). The jackknife
-        (over antithetic candidate groups) is the step variant's. With ``value_shrinkage`` the
+        (over antithetic candidate groups) is the step variant's, for its candidates only
+        (``candidates=False``: whole roll-outs, as the hybrid's early steps weight them). With ``value_shrinkage`` the
         candidates' soft values are first shrunk toward their mean by the share of their spread that is
         not look-ahead noise (``shrink_toward_mean``), estimated over all ``rows`` (one explored step).
         ``value_estimate: mean`` replaces the soft value of M continuations by their mean reward.
@@ -221,7 +222,7 @@ class RGDMObjective:
             scaled = shrink_toward_mean(per_candidate, fraction)
         log_weights = payoff_log_weights(scaled, tau, log_base)
         groups = log_base.shape[-1] // (2 if cfg.antithetic else 1)
-        if cfg.weight_normalisation == "jackknife" and cfg.variant == "step" and groups >= 2:
+        if cfg.weight_normalisation == "jackknife" and cfg.variant == "step" and candidates and groups >= 2:
             return jackknife_weights(log_weights, groups), tau
         return torch.softmax(log_weights, dim=-1), tau
 

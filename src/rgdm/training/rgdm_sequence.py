@@ -206,7 +206,8 @@ def early_path(objective: RGDMObjective, model: GaussianDiffusion, traj, values:
     log_ratio = shard.gather(log_ratio)
     targets = shard.global_conditions.targets
     weights, _ = objective._weights(values.unsqueeze(0), log_ratio.unsqueeze(0),
-                                    None if targets is None else targets.unsqueeze(0), fit_normalizer=False)
+                                    None if targets is None else targets.unsqueeze(0), fit_normalizer=False,
+                                    candidates=False)
     weights = weights.squeeze(0)
     metrics = {"early_ess": effective_sample_size(torch.log(weights.clamp(min=1e-30))).item(),
                "early_log_ratio_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0}
