@@ -307,7 +307,6 @@ def test_rwr_prices_the_first_step_too(tiny_pretrained):
         RWRConfig(first_step_kl=1.0, eta=0.0).validate()
 
 
-
 @pytest.mark.parametrize("method", ["ddpo", "ppo"])
 def test_ddpo_and_ppo_price_the_first_step_too(tiny_pretrained, method):
     """DDPO_IS and PPO-clip get the same term: it adds exactly w · KL to the policy loss (whose random
@@ -335,7 +334,6 @@ def test_ddpo_and_ppo_price_the_first_step_too(tiny_pretrained, method):
     assert metrics["first_step_kl"] > 1e-6 and "first_step_kl" not in plain
     assert loss.item() == pytest.approx(plain_loss.item() + 2.0 * metrics["first_step_kl"], rel=1e-5, abs=1e-7)
     assert with_kl.reward_calls == without.reward_calls == 4
-
 
 
 # -- the hybrid: whole-trajectory weights for the steps before the window --------------------------- #
@@ -453,7 +451,7 @@ def test_mean_value_estimate_needs_continuations(settings):
 def test_reference_refresh_copies_the_policy_every_r_steps():
     """reference_refresh = 2: the reference is the pre-trained model for steps 0-1, the policy of the
     start of step 2 for steps 2-3, and so on; with 0 (the negative control) it never moves."""
-    def run(refresh: int) -> list[Tensor]:
+    def run(refresh: int) -> tuple[list[Tensor], list[Tensor]]:
         objective = gaussian_objective(replay=1, reference_refresh=refresh)
         model = copy.deepcopy(objective.reference).requires_grad_(True)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
