@@ -24,7 +24,7 @@ from rgdm.training.payoff_weights import (
     truncate_weights,
 )
 from rgdm.training.rollouts import collect_trajectories, reward_metrics, weighted_denoising_loss
-from rgdm.training.tasks import BatchShard
+from rgdm.training.tasks import BatchShard, Conditions
 
 if TYPE_CHECKING:
     from rgdm.training.rgdm import RGDMObjective
@@ -120,6 +120,26 @@ def pool_weights(objective: RGDMObjective, pool: list[ScoredRollouts]) -> tuple[
     return [b.shard.local(w) for b, w in zip(pool, slices)], metrics
 
 
+def step_nll(objective: RGDMObjective, model: GaussianDiffusion, z_t: Tensor, z_s: Tensor, t_int: int, s_int: int,
+             cond: Conditions, ratio: Tensor | None = None, sampler_mean: Tensor | None = None) -> Tensor:
+    """Per row, 0.5 |mean_theta - target|^2 / scale^2 / dof for the step t -> s: its negative
+    log-likelihood on the regression's scale with target z_s, or, given ``ratio`` (N · w_i per row), the
+    control-variate target mean + ratio (z_s - mean) - (z_s - sampler_mean), whose gradient at the current
+    parameters is -[ratio (z_s - mean) - (z_s - sampler_mean)] dmean: the step's own noise, zero in mean
+    under the sampler, is subtracted. ``sampler_mean`` is the mean of the policy that took the step (the
+    current policy's when None)."""
+    cfg = objective.config
+    t, s = objective._times(t_int, s_int, cond.batch_size)
+    mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
+    scale = objective._step_scale(model, std, t, s)
+    target = z_s
+    if ratio is not None:
+        ratio = ratio.view(-1, *([1] * (mean.dim() - 1)))
+        sampler_mean = mean.detach() if sampler_mean is None else sampler_mean
+        target = mean.detach() + ratio * (z_s - mean.detach()) - (z_s - sampler_mean)
+    return 0.5 * model.sq_norm(mean - target, cond.node_mask) / scale**2 / model.dof(z_t, cond.node_mask)
+
+
 def path_loss(objective: RGDMObjective, model: GaussianDiffusion, rollouts: ScoredRollouts, weights: Tensor,
               pool_size: int, generator) -> Tensor:
     """-Σ_i w_i Σ_steps log pi_theta(z_s^i | z_t^i) / dof: the weighted log-likelihood of the
@@ -137,30 +157,26 @@ def path_loss(objective: RGDMObjective, model: GaussianDiffusion, rollouts: Scor
     picks = torch.randperm(n_pairs, generator=generator, device=generator.device)[
         : cfg.path_steps or n_pairs].sort().values
     from_reference = cfg.sequence_proposal == "reference"
+    uniform = 1.0 / pool_size
     total = 0.0
     for idx in picks.tolist():
-        t, s = objective._times(grid[idx], grid[idx + 1], cond.batch_size)
         z_t, z_s = states[idx], states[idx + 1]
-        mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
-        scale = objective._step_scale(model, std, t, s)
         if cfg.control_variate:
             # The step's own noise p_i = z_s - mean_sampler has mean zero whatever the state:
             # subtracting its uniformly weighted share leaves the gradient's expectation alone and
-            # removes most of its variance. The surrogate below has the gradient
-            # -Σ_i [w_i (z_s - mean_i) - p_i / N] dmean_i at the current parameters.
-            sampler_mean = mean.detach()
+            # removes most of its variance (see ``step_nll``).
+            sampler_mean = None  # the policy's own step
             if from_reference:
+                t, s = objective._times(grid[idx], grid[idx + 1], cond.batch_size)
                 with torch.no_grad():
                     sampler_mean, _ = objective.reference.step_distribution(z_t, t, s, cond.node_mask,
                                                                             cond.context, cfg.eta)
-            uniform = 1.0 / pool_size
-            ratio = (weights / uniform).view(-1, *([1] * (mean.dim() - 1)))
-            target = mean.detach() + ratio * (z_s - mean.detach()) - (z_s - sampler_mean)
-            row_weights = torch.full_like(weights, uniform)
+            nll = step_nll(objective, model, z_t, z_s, grid[idx], grid[idx + 1], cond, weights / uniform,
+                           sampler_mean)
+            total = total + (uniform * nll).sum()
         else:
-            target, row_weights = z_s, weights
-        nll = 0.5 * model.sq_norm(mean - target, cond.node_mask) / scale**2 / model.dof(z_t, cond.node_mask)
-        total = total + (row_weights * nll).sum()
+            nll = step_nll(objective, model, z_t, z_s, grid[idx], grid[idx + 1], cond)
+            total = total + (weights * nll).sum()
     return total / len(picks)
 
 
@@ -223,14 +239,9 @@ def early_path_loss(objective: RGDMObjective, model: GaussianDiffusion, early: E
     """This rank's share of -Σ_i w_i · mean_steps log pi_theta(z_s^i | z_t^i) / dof over ``early``'s
     steps, with the control variate of ``path_loss`` (gradient -Σ_i (w_i - 1/N)(z_s - mean_i) at the
     sampler): zero in expectation at uniform weights, so the steps are moved only by the rewards."""
-    cfg, cond = objective.config, shard.conditions
-    ratio = (early.weights * shard.global_size).view(-1, *([1] * (early.z_t.dim() - 2)))
+    ratio = early.weights * shard.global_size
     total = 0.0
     for (t_int, s_int), z_t, z_s, sampler_mean in zip(early.times, early.z_t, early.z_s, early.sampler_mean):
-        t, s = objective._times(t_int, s_int, cond.batch_size)
-        mean, std = model.step_distribution(z_t, t, s, cond.node_mask, cond.context, cfg.eta)
-        scale = objective._step_scale(model, std, t, s)
-        target = mean.detach() + ratio * (z_s - mean.detach()) - (z_s - sampler_mean)
-        nll = 0.5 * model.sq_norm(mean - target, cond.node_mask) / scale**2 / model.dof(z_t, cond.node_mask)
+        nll = step_nll(objective, model, z_t, z_s, t_int, s_int, shard.conditions, ratio, sampler_mean)
         total = total + nll.sum() / shard.global_size
     return total / max(1, len(early.times))
