@@ -28,13 +28,15 @@ def final_state(run_dir):
 
 
 REFRESHED = {"variant": "sequence", "sequence_loss": "path", "reference_refresh": 2, "first_step_kl": 1.0}
+MIXED = {"variant": "step", "reference_refresh": 2, "reference_base_mix": 0.3, "first_step_kl": 1.0}
 
 
 @pytest.mark.parametrize("method, settings", [("rgdm", {"variant": "step"}), ("rgdm", {"variant": "sequence"}),
-                                              ("rgdm", REFRESHED), ("ddpo", {}), ("rwr", {})])
+                                              ("rgdm", REFRESHED), ("rgdm", MIXED), ("ddpo", {}), ("rwr", {})])
 def test_finetune_resume_is_bit_for_bit(tmp_path, tiny_pretrained, method, settings):
     """Every method of `rgdm finetune`; DDPO resumes mid-way through a collected batch (2 minibatches);
-    the refreshed reference of RGDM (copied at steps 2 and 4, resumed at 3) comes back with the run."""
+    the refreshed reference of RGDM (copied at steps 2 and 4, resumed at 3), mixed with the pre-trained
+    model or not, comes back with the run."""
     n = 3
     config = lambda steps: tiny_finetune_config(tiny_pretrained, steps, method, **settings)  # noqa: E731
     finetune(config(2 * n), tmp_path / "a", progress=False, tensorboard=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rgdm.config import RGDMConfig
+from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
 from rgdm.training.closed_form import TAU, closed_form_run
 from rgdm.training.normalizer import RewardNormalizer
@@ -54,6 +54,28 @@ def test_rgdm_recovers_the_payoff_distribution(tmp_path, variant, reward, dim):
     mean_error, cov_error = worst_seed(tmp_path, variant, reward, dim)
     assert mean_error < TOLERANCE, f"worst seed's mean is {mean_error:.1%} off the pay-off mean"
     assert cov_error < TOLERANCE, f"worst seed's covariance is {cov_error:.1%} off the pay-off covariance"
+
+
+def test_refreshed_reference_mixed_with_the_base_settles_on_the_payoff(tmp_path):
+    """reference_refresh with reference_base_mix alpha: the iterations' fixed point is the pay-off of
+    the pre-trained model at temperature alpha · tau, so tau = TAU / alpha must land on the closed form
+    at TAU (9 refreshes). Negative control: the same refreshes without the mix climb past it."""
+    mixed = {"reference_refresh": 10, "reference_base_mix": 0.5, "tau": 2.0 * TAU}
+    worst = (0.0, 0.0)
+    for seed in SEEDS:
+        result = closed_form_run(tmp_path / f"mixed{seed}", "step", "linear", 2, seed, steps=100, **mixed)
+        worst = (max(worst[0], result.mean_error), max(worst[1], result.cov_error))
+    assert max(worst) < TOLERANCE, f"worst seed is {worst[0]:.1%} (mean) / {worst[1]:.1%} (cov) off the pay-off"
+    unmixed = closed_form_run(tmp_path / "unmixed", "step", "linear", 2, 0, steps=100, reference_refresh=10,
+                              tau=2.0 * TAU)
+    assert unmixed.mean_error > 1.0, f"pure refreshes stayed within {unmixed.mean_error:.1%} of the pay-off"
+
+
+def test_base_mix_needs_a_refreshed_reference():
+    with pytest.raises(ConfigError, match="reference_base_mix"):
+        RGDMConfig(reference_base_mix=0.5).validate()
+    with pytest.raises(ConfigError, match="reference_base_mix"):
+        RGDMConfig(reference_refresh=10, reference_base_mix=1.0).validate()
 
 
 def test_step_level_fails_without_the_proposal_correction(tmp_path, monkeypatch):

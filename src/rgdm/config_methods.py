@@ -51,6 +51,7 @@ class RGDMConfig:
     first_step_kl: float = 0.0  # weight of the exact KL(pi_theta || pi_ref) of the first reverse step (t = T)
     early_sequence_weight: float = 0.0  # step variant: sequence-weighted path loss on the steps before the window
     reference_refresh: int = 0  # optimizer steps between copies of the policy into pi_ref (0: pi_ref stays frozen)
+    reference_base_mix: float = 0.0  # refreshed pi_ref: the pre-trained model's share alpha in each copy
     truncate_weights: bool = True  # sequence variant: cap weights at sqrt(N) x their mean (Ionides 2008)
     sequence_loss: str = "denoising"  # sequence variant: "denoising" (weighted x0 fit) or "path" (exact, see docs)
     path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
@@ -108,6 +109,12 @@ class RGDMConfig:
         if self.reference_refresh and self.variant == "sequence" and reuse:
             raise ConfigError("rgdm.reference_refresh: a refreshed reference would make the replayed or pooled "
                               "batches' weights stale; use sequence_replay: 1 and sequence_pool: 1")
+        if not 0.0 <= self.reference_base_mix < 1.0:
+            raise ConfigError(f"rgdm.reference_base_mix: a share of the pre-trained model in [0, 1), "
+                              f"got {self.reference_base_mix}")
+        if self.reference_base_mix > 0 and not self.reference_refresh:
+            raise ConfigError("rgdm.reference_base_mix: mixes the pre-trained model into each refreshed copy of the "
+                              "policy, so it needs reference_refresh > 0")
         if self.early_sequence_weight > 0 and self.variant != "step":
             raise ConfigError("rgdm.early_sequence_weight: weights the steps before the step level's explored "
                               "window, so it needs variant: step")

@@ -37,6 +37,28 @@ class StepOutput:
     sample: Tensor  # z_s
 
 
+class MixedDenoiser(nn.Module):
+    """The noise estimate ``(1 - weight) · current + weight · base`` of two denoisers of one architecture.
+
+    A reverse step's mean is affine in the noise estimate and its std does not depend on it, so a
+    diffusion with this denoiser takes, at every step, the normalised geometric mixture
+    pi_current^(1 - weight) · pi_base^weight of the two models' Gaussian steps. Outputs may be tensors
+    or tuples of tensors (the molecule denoiser returns positions' and features' estimates).
+    """
+
+    def __init__(self, current: nn.Module, base: nn.Module, weight: float):
+        super().__init__()
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"MixedDenoiser: weight must lie in [0, 1], got {weight}")
+        self.current, self.base, self.weight = current, base, weight
+
+    def forward(self, *args, **kwargs):
+        current, base = self.current(*args, **kwargs), self.base(*args, **kwargs)
+        if isinstance(current, tuple):
+            return tuple((1.0 - self.weight) * c + self.weight * b for c, b in zip(current, base))
+        return (1.0 - self.weight) * current + self.weight * base
+
+
 class GaussianDiffusion(nn.Module):
     """Epsilon-prediction diffusion; ``denoiser(z_t, t/T, node_mask, context) -> eps``."""
 

@@ -76,15 +76,16 @@ def closed_form_run(run_dir: Path, variant: str, reward: str, dim: int, seed: in
 
     The target is the pay-off of the reference *sampler's* exact distribution on the same time grid (a
     finite-step sampler of N(0, I) has a variance slightly below one). The EMA copy (decay 0.95) is
-    evaluated: it averages out the optimiser's last steps. ``overrides`` replace RGDM settings.
+    evaluated: it averages out the optimiser's last steps. ``overrides`` replace RGDM settings (the
+    target stays the pay-off at ``TAU``).
     """
     torch.manual_seed(seed)
     model = standard_gaussian_diffusion(dim=dim, timesteps=TIMESTEPS)
     reward_fn, params = closed_form_reward(reward, dim)
     target_mean, target_cov = gaussian_payoff(*exact_moments(model, SAMPLING_STEPS), reward, TAU, **params)
     case, lr = closed_form_settings(variant, reward)
-    config = RGDMConfig(variant=variant, sampling_steps=SAMPLING_STEPS, tau=TAU, normalize_rewards=False,
-                        **{**case, **overrides})
+    config = RGDMConfig(**{"variant": variant, "sampling_steps": SAMPLING_STEPS, "tau": TAU,
+                           "normalize_rewards": False, **case, **overrides})
     objective = RGDMObjective(model, GaussianTask(dim, reward_fn), config, seed=seed)
     train = TrainConfig(steps=steps, lr=lr, ema_decay=0.95, grad_clip=0.0, log_every=50, val_every=10_000,
                         checkpoint_every=10_000)

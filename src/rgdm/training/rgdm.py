@@ -42,7 +42,7 @@ from torch import Tensor
 
 from rgdm import distributed
 from rgdm.config import RGDMConfig
-from rgdm.diffusion.gaussian import GaussianDiffusion
+from rgdm.diffusion.gaussian import GaussianDiffusion, MixedDenoiser
 from rgdm.training.normalizer import RewardNormalizer
 from rgdm.training.payoff_weights import (
     effective_sample_size,
@@ -84,6 +84,11 @@ class RGDMObjective:
     then targets the pay-off of the last copy, pi_k · exp(r / tau), a KL-bounded improvement step (mirror
     descent on the reward) instead of one fixed pay-off of the pre-trained model. The targets then keep
     climbing the reward, and the importance ratios of the sequence level stay near 1.
+
+    ``reference_base_mix: alpha`` makes each copy the step-wise geometric mixture pi_k^(1 - alpha) ·
+    pi_base^alpha of the policy and the pre-trained model (``MixedDenoiser``). The iterations then stop
+    climbing where pi = pi^(1 - alpha) · pi_base^alpha · exp(r / tau), i.e. at the pay-off of the
+    pre-trained model at temperature alpha · tau, instead of sharpening without end.
     """
 
     def __init__(self, model: GaussianDiffusion, task: Task, config: RGDMConfig, seed: int = 0):
@@ -92,6 +97,9 @@ class RGDMObjective:
         self.task = task
         self.name = f"rgdm-{config.variant}"
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if config.reference_base_mix > 0:  # the copy's share, then the frozen pre-trained model's
+            denoiser = self.reference.denoiser
+            self.reference.denoiser = MixedDenoiser(denoiser, copy.deepcopy(denoiser), config.reference_base_mix)
         self.normalizer = RewardNormalizer(config.normalizer_buffer, config.normalizer_min_count)
         self.reward_calls = 0  # over all ranks
         self._local_calls = 0  # this rank's calls during the current step
@@ -168,7 +176,7 @@ class RGDMObjective:
         self._local_calls = 0
         refresh = self.config.reference_refresh
         if refresh and step > 0 and step % refresh == 0:  # a trust-region iteration: the pay-off of the last copy
-            self.reference.load_state_dict(model.state_dict())
+            self._refresh_reference(model)
         if self.config.variant == "sequence":
             loss, metrics = sequence_loss(self, model, shard, generator, step)
         else:
@@ -187,6 +195,13 @@ class RGDMObjective:
         metrics["reward_calls"] = float(self.reward_calls)
         metrics.update(task_stats(self.task))
         return loss, metrics
+
+    def _refresh_reference(self, model: GaussianDiffusion) -> None:
+        """Copy the policy into pi_ref (into its mixed share, with ``reference_base_mix``)."""
+        if isinstance(self.reference.denoiser, MixedDenoiser):
+            self.reference.denoiser.current.load_state_dict(model.denoiser.state_dict())
+        else:
+            self.reference.load_state_dict(model.state_dict())
 
     def _weights(self, values: Tensor, log_base: Tensor, targets: Tensor | None,
                  fit_normalizer: bool = True, candidates: bool = True) -> tuple[Tensor, Tensor]:
