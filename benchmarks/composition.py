@@ -67,7 +67,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from rgdm.eval.sampling import qm9_training_smiles
+    from rgdm.runs import resolve_checkpoint
+    from rgdm.training.checkpoint import CheckpointError
 
+    for source in args.sources:  # every name checked before the first one is sampled
+        try:
+            resolve_checkpoint(source)
+        except CheckpointError as err:
+            parser.error(str(err))
     training = frozenset(qm9_training_smiles())
     print("| model | C / N / O / F share of heavy atoms | validity | hydrocarbon share of valid | novelty | "
           "novelty of hydrocarbons / of the others | most frequent |")
