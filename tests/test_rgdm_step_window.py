@@ -473,3 +473,26 @@ def test_reference_refresh_copies_the_policy_every_r_steps():
     assert all(torch.equal(knots, policies[0]) for knots in frozen)
     with pytest.raises(ConfigError, match="reference_refresh"):
         RGDMConfig(variant="sequence", reference_refresh=2, sequence_pool=2).validate()
+
+
+def test_base_mix_reference_steps_are_the_geometric_mixture(molecule_objective):
+    """After a refresh with reference_base_mix alpha, each reverse step of pi_ref on molecules (positions
+    and features) has the mean (1 - alpha) · policy's + alpha · pre-trained model's and their std."""
+    alpha = 0.3
+    objective = molecule_objective(reference_refresh=1, reference_base_mix=alpha)
+    pretrained = objective.task.model  # the model the objective was built from
+    policy = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        for parameter in policy.denoiser.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    objective._refresh_reference(policy)
+    generator = torch.Generator().manual_seed(0)
+    cond = objective.task.conditions(3, generator)
+    z_t = policy.noise(torch.zeros(3, cond.node_mask.shape[1], 3 + policy.n_features), cond.node_mask, generator)
+    t, s = torch.full((3,), 30), torch.full((3,), 25)
+    mixed_mean, mixed_std = objective.reference.step_distribution(z_t, t, s, cond.node_mask)
+    policy_mean, policy_std = policy.step_distribution(z_t, t, s, cond.node_mask)
+    base_mean, _ = pretrained.step_distribution(z_t, t, s, cond.node_mask)
+    assert not torch.allclose(policy_mean, base_mean, atol=1e-4)  # the policy did move
+    torch.testing.assert_close(mixed_mean, (1 - alpha) * policy_mean + alpha * base_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed_std, policy_std)
