@@ -52,6 +52,7 @@ class RGDMConfig:
     early_sequence_weight: float = 0.0  # step variant: sequence-weighted path loss on the steps before the window
     reference_refresh: int = 0  # optimizer steps between copies of the policy into pi_ref (0: pi_ref stays frozen)
     reference_base_mix: float = 0.0  # refreshed pi_ref: the pre-trained model's share alpha in each copy
+    atom_type_kl: float = 0.0  # step variant: KL to the pre-trained model of the node features (atom types)
     truncate_weights: bool = True  # sequence variant: cap weights at sqrt(N) x their mean (Ionides 2008)
     sequence_loss: str = "denoising"  # sequence variant: "denoising" (weighted x0 fit) or "path" (exact, see docs)
     path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
@@ -86,7 +87,7 @@ class RGDMConfig:
         _check_range("rgdm.target_ess", self.target_ess, low=1e-3, high=1.0)
         if not 0.0 < self.explore_t_max <= 1.0:
             raise ConfigError(f"rgdm.explore_t_max: a fraction of the horizon in (0, 1], got {self.explore_t_max}")
-        for key in ("lambda_mle", "kl_weight", "first_step_kl", "early_sequence_weight", "fd_jitter"):
+        for key in ("lambda_mle", "kl_weight", "first_step_kl", "early_sequence_weight", "fd_jitter", "atom_type_kl"):
             _check_range(f"rgdm.{key}", getattr(self, key), low=0.0)
         if self.variant == "step" and self.antithetic and self.num_candidates % 2:
             raise ConfigError(f"rgdm.num_candidates: antithetic candidates come in pairs, {self.num_candidates} is odd "
@@ -115,6 +116,9 @@ class RGDMConfig:
         if self.reference_base_mix > 0 and not self.reference_refresh:
             raise ConfigError("rgdm.reference_base_mix: mixes the pre-trained model into each refreshed copy of the "
                               "policy, so it needs reference_refresh > 0")
+        if self.atom_type_kl > 0 and self.variant != "step":
+            raise ConfigError("rgdm.atom_type_kl: a penalty on the step level's explored steps, so it needs "
+                              "variant: step")
         if self.early_sequence_weight > 0 and self.variant != "step":
             raise ConfigError("rgdm.early_sequence_weight: weights the steps before the step level's explored "
                               "window, so it needs variant: step")

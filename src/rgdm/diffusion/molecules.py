@@ -57,6 +57,10 @@ class MoleculeDiffusion(GaussianDiffusion):
     def count(self, z: Tensor, node_mask: Tensor | None = None) -> Tensor:
         return node_mask.sum(dim=(1, 2)).to(z.dtype) * z.shape[-1]
 
+    def node_features_only(self, v: Tensor) -> Tensor:
+        """``v`` with the positions zeroed: the atom-type block (and the charge feature) alone."""
+        return torch.cat([torch.zeros_like(v[..., :3]), v[..., 3:]], dim=-1)
+
     def predict_eps(self, z_t: Tensor, t: Tensor, node_mask: Tensor | None = None,
                     context: Tensor | None = None) -> Tensor:
         t_frac = t.to(z_t.dtype) / self.timesteps

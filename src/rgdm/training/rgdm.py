@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from rgdm import distributed
-from rgdm.config import RGDMConfig
+from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.gaussian import GaussianDiffusion, MixedDenoiser
 from rgdm.training.normalizer import RewardNormalizer
 from rgdm.training.payoff_weights import (
@@ -89,6 +89,12 @@ class RGDMObjective:
     pi_base^alpha of the policy and the pre-trained model (``MixedDenoiser``). The iterations then stop
     climbing where pi = pi^(1 - alpha) · pi_base^alpha · exp(r / tau), i.e. at the pay-off of the
     pre-trained model at temperature alpha · tau, instead of sharpening without end.
+
+    ``atom_type_kl: w`` adds, at each explored step, w times the KL of the policy's step to the frozen
+    pre-trained model's restricted to the node features (on molecules: the atom types), in the
+    regression's units (``_kl_to_reference``). The step's positions stay free to follow the pay-off; its
+    composition is held near the pre-trained model's, which the pay-off itself barely moves
+    (docs/physics.md: the refreshed step level otherwise turns N and O atoms into carbon).
     """
 
     def __init__(self, model: GaussianDiffusion, task: Task, config: RGDMConfig, seed: int = 0):
@@ -100,6 +106,12 @@ class RGDMObjective:
         if config.reference_base_mix > 0:  # the copy's share, then the frozen pre-trained model's
             denoiser = self.reference.denoiser
             self.reference.denoiser = MixedDenoiser(denoiser, copy.deepcopy(denoiser), config.reference_base_mix)
+        self.base: GaussianDiffusion | None = None  # the frozen pre-trained model, for atom_type_kl
+        if config.atom_type_kl > 0:
+            if model.node_features_only(torch.zeros(1, 1)) is None:
+                raise ConfigError("rgdm.atom_type_kl: holds the node features (atom types) of a molecule model; "
+                                  f"{type(model).__name__} has none")
+            self.base = copy.deepcopy(model).eval().requires_grad_(False)
         self.normalizer = RewardNormalizer(config.normalizer_buffer, config.normalizer_min_count)
         self.reward_calls = 0  # over all ranks
         self._local_calls = 0  # this rank's calls during the current step
@@ -282,6 +294,9 @@ class RGDMObjective:
                                                                    cfg.eta)
                     kl = self._kl_to_reference(model, mean, ref_mean, scale, cond.node_mask)
                     step_loss = step_loss + cfg.kl_weight * kl.sum()
+                if self.base is not None:
+                    step_loss = step_loss + cfg.atom_type_kl * self._atom_type_kl(model, z_t, t, s, mean, scale,
+                                                                                  cond).sum()
                 total = total + step_loss / shard.global_size / count  # this rank's share of the mean
         return total, dict(cached[3])
 
@@ -339,6 +354,14 @@ class RGDMObjective:
         every step (with ``loss_weighting: likelihood`` it is the exact KL per dimension)."""
         return 0.5 * model.sq_norm(mean - reference_mean, node_mask) / scale**2 / model.dof(mean, node_mask)
 
+    def _atom_type_kl(self, model: GaussianDiffusion, z_t: Tensor, t: Tensor, s: Tensor, mean: Tensor,
+                      scale: Tensor, cond: Conditions) -> Tensor:
+        """The KL of one step to the pre-trained model's on the node features alone, per row [B]:
+        |mean_h - mean_base_h|^2 / (2 scale^2) / dof, in the units of ``_kl_to_reference``."""
+        base_mean, _ = self.base.step_distribution(z_t, t, s, cond.node_mask, cond.context, self.config.eta)
+        features = model.node_features_only(mean - base_mean)
+        return 0.5 * model.sq_norm(features, cond.node_mask) / scale**2 / model.dof(mean, cond.node_mask)
+
     def _regression_loss(self, model: GaussianDiffusion, mean: Tensor, scale: Tensor, exp: Exploration,
                          weights: Tensor, cond: Conditions) -> Tensor:
         """Per-state loss -Σ_k w_k log pi_theta(z^k | z_t) / dof, up to a constant and a per-step scale.
@@ -375,6 +398,8 @@ class RGDMObjective:
     def state_dict(self) -> dict[str, Any]:
         state = {"normalizer": self.normalizer.state_dict(), "reward_calls": self.reward_calls,
                  "task": self.task.state_dict(), "reference": self.reference.state_dict()}
+        if self.base is not None:
+            state["base"] = self.base.state_dict()
         if self._replay_cache is not None:
             state["replay_cache"] = replay_to_state(self._replay_cache)
         if self._explored:
@@ -388,6 +413,8 @@ class RGDMObjective:
         self.reward_calls = int(state["reward_calls"])
         self.task.load_state_dict(state["task"])
         self.reference.load_state_dict(state["reference"])
+        if self.base is not None:
+            self.base.load_state_dict(state["base"])
         # A run resumed mid-way through a replayed batch goes on with it (bit-for-bit). Only rank 0's
         # rows are checkpointed, so a data-parallel run explores afresh on every rank instead.
         single = distributed.world_size() == 1
