@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -496,3 +497,87 @@ def test_base_mix_reference_steps_are_the_geometric_mixture(molecule_objective):
     assert not torch.allclose(policy_mean, base_mean, atol=1e-4)  # the policy did move
     torch.testing.assert_close(mixed_mean, (1 - alpha) * policy_mean + alpha * base_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed_std, policy_std)
+
+
+def test_atom_type_kl_prices_feature_drifts_and_not_position_drifts(molecule_objective, monkeypatch):
+    """A drift d of the noise prediction moves a step's mean by its sensitivity times d, so in the
+    regression's units the atom-type KL is |d_h|^2 / 2 / dof for a drift of the features and exactly 0 for
+    one of the positions (and 0 for the pre-trained model itself)."""
+    objective = molecule_objective(atom_type_kl=1.0)
+    pretrained = objective.base
+    policy = copy.deepcopy(pretrained)
+    generator = torch.Generator().manual_seed(0)
+    cond = objective.task.conditions(3, generator)
+    z_t = policy.noise(torch.zeros(3, cond.node_mask.shape[1], 3 + policy.n_features), cond.node_mask, generator)
+    t, s = torch.full((3,), 30), torch.full((3,), 25)
+    scale = policy.mean_sensitivity(t, s).float()  # as _step_scale gives it
+
+    def kl_with_drift(drift: Tensor) -> Tensor:
+        predict_eps = pretrained.predict_eps
+        monkeypatch.setattr(policy, "predict_eps", lambda z, t_, mask=None, context=None:
+                            predict_eps(z, t_, mask, context) + drift)
+        mean, _ = policy.step_distribution(z_t, t, s, cond.node_mask)
+        return objective._atom_type_kl(policy, z_t, t, s, mean, scale, cond)
+
+    drift = 0.1 * policy.noise(z_t, cond.node_mask, torch.Generator().manual_seed(1))
+    positions_only = drift - policy.node_features_only(drift)
+    assert kl_with_drift(torch.zeros_like(drift)).abs().max() < 1e-10
+    assert kl_with_drift(positions_only).abs().max() < 1e-10
+    expected = 0.5 * policy.sq_norm(policy.node_features_only(drift), cond.node_mask) / policy.dof(z_t, cond.node_mask)
+    assert (expected > 1e-4).all()
+    torch.testing.assert_close(kl_with_drift(drift), expected, rtol=1e-4, atol=1e-9)
+
+
+def loss_gradient(objective: RGDMObjective, monkeypatch) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """The gradient of the objective's loss on one explored (then replayed) batch as a function of a
+    drift D added to the pre-trained model's noise prediction, and the batch's node mask."""
+    pretrained = objective.reference
+    policy = copy.deepcopy(pretrained)
+    objective.loss(policy, 0)  # explores the batch that the next steps replay
+    predict_eps = pretrained.predict_eps
+
+    def gradient(drift: Tensor) -> Tensor:
+        drift = drift.clone().requires_grad_(True)
+        monkeypatch.setattr(policy, "predict_eps", lambda z, t, mask=None, context=None:
+                            predict_eps(z, t, mask, context) + drift)
+        loss, _ = objective.loss(policy, 1)  # a replayed step: the same batch every time
+        return torch.autograd.grad(loss.double(), drift)[0].double()
+
+    return gradient, objective._replay_cache[1].conditions.node_mask
+
+
+def test_atom_type_kl_shrinks_the_features_fit_and_leaves_the_positions_alone(molecule_objective, monkeypatch):
+    """Both terms are quadratic in the step's noise prediction and share its units. The loss's curvature
+    in the features is diagonal, so its minimum there is D* = -g(0) / (g(1) - g(0)): the atom-type KL of
+    weight w shrinks the features' fit to the explored targets by 1 / (1 + w). Its gradient in the
+    positions is untouched, at every drift. Negative controls: a KL on the whole state would change the
+    positions' gradient, and no KL would not shrink the features."""
+    weight, settings = 4.0, {"replay": 1000, "tau": 0.1}
+    free, mask = loss_gradient(molecule_objective(**settings), monkeypatch)
+    held, _ = loss_gradient(molecule_objective(atom_type_kl=weight, **settings), monkeypatch)
+    pretrained = molecule_objective().reference
+    zero = torch.zeros(*mask.shape[:2], 3 + pretrained.n_features)
+    ones = pretrained.project(torch.ones_like(zero), mask)
+    real = mask.expand_as(zero).bool().clone()
+    real[..., :3] = False  # the feature entries of real atoms
+
+    def feature_minimum(gradient) -> Tensor:
+        at_zero, at_ones = gradient(zero), gradient(ones)
+        return -at_zero[real] / (at_ones - at_zero)[real]
+
+    free_fit, held_fit = feature_minimum(free), feature_minimum(held)
+    assert free_fit.abs().max() > 1e-3  # the explored targets do move the features
+    torch.testing.assert_close(held_fit, free_fit / (1 + weight), atol=1e-7, rtol=1e-4)
+    for drift in (zero, ones, 0.1 * pretrained.noise(zero, mask, torch.Generator().manual_seed(0))):
+        free_positions, held_positions = free(drift)[..., :3], held(drift)[..., :3]
+        assert free_positions.abs().max() > 0
+        torch.testing.assert_close(held_positions, free_positions, atol=1e-9, rtol=1e-5)
+
+
+def test_atom_type_kl_needs_the_step_level_and_node_features():
+    with pytest.raises(ConfigError, match="atom_type_kl.*variant: step"):
+        RGDMConfig(variant="sequence", atom_type_kl=1.0).validate()
+    with pytest.raises(ConfigError, match="atom_type_kl.*has none"):
+        gaussian_objective(atom_type_kl=1.0)
+    with pytest.raises(ConfigError, match="atom_type_kl"):
+        RGDMConfig(atom_type_kl=-1.0).validate()
