@@ -243,7 +243,8 @@ def run_base(args: argparse.Namespace) -> dict:
 
 
 def ship(run: str, args: argparse.Namespace, name: str = "qm9-noh-physics") -> Path:
-    """Write run ``<method>-s<seed>``'s fine-tuned weights as the shipped model ``name`` (+ model card)."""
+    """Write run ``<method>-s<seed>``'s fine-tuned weights as the shipped model ``name``: the EMA weights
+    when the run kept an EMA (the model its metrics were measured on), else the raw ones."""
     import rgdm
     from rgdm.runs import PRETRAINED_DIR
     from rgdm.training.checkpoint import checkpoint_paths, load_checkpoint
@@ -254,7 +255,8 @@ def ship(run: str, args: argparse.Namespace, name: str = "qm9-noh-physics") -> P
     base = dict(state["base_config"], name=name)
     shipped = {"format_version": state["format_version"], "rgdm_version": rgdm.__version__, "kind": "finetune",
                "config": base, "model_spec": state["model_spec"], "step": state["step"],
-               "elapsed_seconds": result["train_seconds"], "model": state["model"], "ema": None,
+               "elapsed_seconds": result["train_seconds"],
+               "model": state["ema"] if state.get("ema") is not None else state["model"], "ema": None,
                "finetune_config": result["config"]}
     path = PRETRAINED_DIR / f"{name}.pt"
     torch.save(shipped, path)
