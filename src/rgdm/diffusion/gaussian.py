@@ -98,10 +98,11 @@ class GaussianDiffusion(nn.Module):
         """Number of real (unpadded) entries per sample, [B]; the loss averages over these."""
         return self.dof(z, node_mask)
 
-    def node_features_only(self, v: Tensor) -> Tensor | None:
-        """``v`` with every entry but the node features (molecules: atom types) zeroed, or None for a
-        state without node features (plain vectors, point clouds)."""
-        return None
+    has_node_features = False  # whether states carry per-node features (molecules: atom types)
+
+    def node_features_only(self, v: Tensor) -> Tensor:
+        """``v`` with every entry but the node features zeroed (states with ``has_node_features``)."""
+        raise ValueError(f"{type(self).__name__}: its states have no node features")
 
     def snap_to_data(self, x: Tensor, node_mask: Tensor | None = None) -> Tensor:
         """A generated sample as the training data would encode it (identity for continuous data).

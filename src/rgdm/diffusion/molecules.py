@@ -20,6 +20,8 @@ from rgdm.models.egnn import EGNNDynamics
 
 
 class MoleculeDiffusion(GaussianDiffusion):
+    has_node_features = True
+
     def __init__(self, dynamics: EGNNDynamics, schedule: NoiseSchedule, elements: tuple[str, ...],
                  node_count_probs: Tensor, include_charges: bool = True,
                  norm_values: tuple[float, float, float] = (1.0, 4.0, 10.0),

@@ -94,7 +94,7 @@ class RGDMObjective:
     pre-trained model's restricted to the node features (on molecules: the atom types), in the
     regression's units (``_kl_to_reference``). The step's positions stay free to follow the pay-off; its
     composition is held near the pre-trained model's, which the pay-off itself barely moves
-    (docs/physics.md: the refreshed step level otherwise turns N and O atoms into carbon).
+    (docs/physics.md: it stops the refreshed step level's drift toward hydrocarbons, not its loss of novelty).
     """
 
     def __init__(self, model: GaussianDiffusion, task: Task, config: RGDMConfig, seed: int = 0):
@@ -108,7 +108,7 @@ class RGDMObjective:
             self.reference.denoiser = MixedDenoiser(denoiser, copy.deepcopy(denoiser), config.reference_base_mix)
         self.base: GaussianDiffusion | None = None  # the frozen pre-trained model, for atom_type_kl
         if config.atom_type_kl > 0:
-            if model.node_features_only(torch.zeros(1, 1)) is None:
+            if not model.has_node_features:
                 raise ConfigError("rgdm.atom_type_kl: holds the node features (atom types) of a molecule model; "
                                   f"{type(model).__name__} has none")
             self.base = copy.deepcopy(model).eval().requires_grad_(False)
