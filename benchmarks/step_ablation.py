@@ -80,6 +80,11 @@ SETTINGS: dict[str, dict] = {
     # the exact KL of the first reverse step to the reference (no reward calls)
     "window first_step_kl=1": {**WINDOW, "first_step_kl": 1.0},
     "window t_max=1 first_step_kl=1": {**WINDOW, "explore_t_max": 1.0, "first_step_kl": 1.0},
+    # the reference refreshed with the policy (each exploration then targets the last copy's pay-off),
+    # alone and with the base mix that fixes where the refreshes end
+    "window refresh=4": {**WINDOW, "reference_refresh": 4},
+    "window refresh=4 first_step_kl=1": {**WINDOW, "reference_refresh": 4, "first_step_kl": 1.0},
+    "window refresh=4 mix=0.2": {**WINDOW, "reference_refresh": 4, "reference_base_mix": 0.2},
     # one continuation per candidate, the calls spent on more explored states instead
     "window M=1": {**WINDOW, "lookahead_samples": 1, "explore_steps": 4},
     "window M=1 K=4": {**WINDOW, "lookahead_samples": 1, "num_candidates": 4, "explore_steps": 8},
