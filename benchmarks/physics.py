@@ -28,6 +28,7 @@ import argparse
 import functools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -205,13 +206,15 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     steps = collections(method, args) * updates
     config.train = train_config(steps, seed, args, log_every=updates)
     config.validate()
+    earlier_seconds = continue_run(method, seed, args, run_dir)
     started = time.perf_counter()
     try:
-        trainer = finetune(config, run_dir, progress=False, tensorboard=False, device=args.device)
+        trainer = finetune(config, run_dir, resume=earlier_seconds is not None, progress=False, tensorboard=False,
+                           device=args.device)
     except FloatingPointError as err:  # a diverged run is a result too: kept, counted, left out of the means
         return save_result({"method": method, "seed": seed, "diverged": str(err), "config": to_dict(config)},
                            done, args)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + (earlier_seconds or 0.0)
     calls, budget = trainer.objective.reward_calls, args.iterations * args.batch
     # one call per roll-out for the sequence methods; the step level's count varies with the explored steps
     if (calls != budget) if method != "rgdm_step" else not 0.85 * budget <= calls <= 1.15 * budget:
@@ -240,6 +243,26 @@ def run_base(args: argparse.Namespace) -> dict:
     result = {"method": "base", "reward_calls": 0, **evaluate(model, args)}
     path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def continue_run(method: str, seed: int, args: argparse.Namespace, run_dir: Path) -> float | None:
+    """With ``--extend-from DIR``: copy DIR's finished run of ``method`` and ``seed`` (its last checkpoint,
+    config and metrics) into ``run_dir``, to be resumed for the larger ``--iterations``; return its
+    training seconds. A resumed run continues bit-for-bit, so it ends where a run of that length started
+    afresh would. None without ``--extend-from``."""
+    if args.extend_from is None:
+        return None
+    source = args.extend_from / run_dir.name
+    finished = source / "result.json"
+    if not finished.exists():
+        raise SystemExit(f"--extend-from: {finished} does not exist (no finished run to extend)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "metrics.csv"):
+        shutil.copy2(source / name, run_dir / name)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    newest = sorted((source / "checkpoints").glob("step_*.pt"))[-1]
+    shutil.copy2(newest, run_dir / "checkpoints" / newest.name)
+    return float(json.loads(finished.read_text())["train_seconds"])
 
 
 def ship(run: str, args: argparse.Namespace, name: str = "qm9-noh-physics") -> Path:
@@ -332,6 +355,8 @@ def main() -> None:
     parser.add_argument("--eval-seed", type=int, default=12345)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the models sample and train")
     parser.add_argument("--out", type=Path, default=Path("runs/physics"))
+    parser.add_argument("--extend-from", type=Path, default=None, metavar="DIR",
+                        help="continue DIR's finished runs (same settings, fewer iterations) up to --iterations")
     parser.add_argument("--ship", default="", help="write run METHOD-sSEED as the shipped qm9-noh-physics model")
     args = parser.parse_args()
     torch.set_num_threads(1)
