@@ -359,8 +359,8 @@ class RGDMObjective:
         """The KL of one step to the pre-trained model's on the node features alone, per row [B]:
         |mean_h - mean_base_h|^2 / (2 scale^2) / dof, in the units of ``_kl_to_reference``."""
         base_mean, _ = self.base.step_distribution(z_t, t, s, cond.node_mask, cond.context, self.config.eta)
-        features = model.node_features_only(mean - base_mean)
-        return 0.5 * model.sq_norm(features, cond.node_mask) / scale**2 / model.dof(mean, cond.node_mask)
+        return self._kl_to_reference(model, model.node_features_only(mean), model.node_features_only(base_mean),
+                                     scale, cond.node_mask)
 
     def _regression_loss(self, model: GaussianDiffusion, mean: Tensor, scale: Tensor, exp: Exploration,
                          weights: Tensor, cond: Conditions) -> Tensor:
