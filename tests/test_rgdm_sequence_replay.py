@@ -105,11 +105,12 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
 
 
 def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_reference: bool = False,
-                                loss: str = "denoising"):
+                                loss: str = "denoising", pool_scale: int = 1):
     """Sequence RGDM on the closed form with roll-outs of the frozen reference (the ratio is exactly 1),
     pooled over 4 batches (2 for the path loss) and replayed twice; yields (steps, exact mean, exact
     covariance, target mean, target covariance). ``break_reference`` lets the "reference" follow the
-    policy (plain RWR with a pool)."""
+    policy (plain RWR with a pool). ``pool_scale`` > 1 pools that many times more batches and fits each
+    step on the usual number of them, drawn from the pool (``sequence_minibatch``)."""
     from rgdm.config import TrainConfig
     from rgdm.diffusion.analytic import exact_moments, gaussian_payoff
     from rgdm.training.loop import Trainer
@@ -122,8 +123,8 @@ def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_referenc
     # the path loss trains all 50 steps of every pooled trajectory: a smaller batch and pool keep it fast
     batch, pool = (128, 4) if loss == "denoising" else (64, 2)
     config = RGDMConfig(variant="sequence", sampling_steps=50, batch_size=batch, tau=tau, normalize_rewards=False,
-                        sequence_loss=loss, sequence_proposal="reference", sequence_pool=pool, sequence_replay=2,
-                        denoising_repeats=1)
+                        sequence_loss=loss, sequence_proposal="reference", sequence_pool=pool * pool_scale,
+                        sequence_minibatch=pool if pool_scale > 1 else 0, sequence_replay=2, denoising_repeats=1)
     objective = RGDMObjective(model, GaussianTask(2, lambda x: x @ a), config)
     if break_reference:
         objective.reference = model
@@ -153,3 +154,47 @@ def test_pooled_rollouts_of_the_moving_policy_without_ratio_run_past_the_payoff(
     *_, (_, mean, _, target_mean, _) = fit_from_reference_rollouts(tmp_path, (120,), break_reference=True)
     a = torch.tensor([1.0, -0.6])
     assert float(mean @ a) > 1.5 * float(target_mean @ a), (mean, target_mean)
+
+
+def test_pool_drawn_in_minibatches_lands_on_the_payoff(tmp_path):
+    """A pool four times larger (8 batches), each step fitted on 2 of them drawn at random: the same cost
+    per step as the pool of 2 above, and the same fixed point. The moments are averaged over the
+    checkpoints from 80 to 200 steps, so that one step's SGD noise does not decide the check."""
+    fits = list(fit_from_reference_rollouts(tmp_path, tuple(range(80, 201, 20)), loss="path", pool_scale=4))
+    mean, cov = (torch.stack([fit[i] for fit in fits]).mean(0) for i in (1, 2))
+    target_mean, target_cov = fits[0][3], fits[0][4]
+    assert (mean - target_mean).norm() < 0.1 * target_mean.norm(), (mean, target_mean)
+    assert (cov - target_cov).abs().max() < 0.1, (cov, target_cov)
+
+
+def test_minibatch_of_the_pool_is_an_unbiased_estimate_of_the_pooled_loss():
+    """sequence_minibatch = 1 of a pool of 4 (the path loss on every step of the reference's roll-outs, so
+    that each batch's loss is deterministic): the step's loss is 4x the loss on one pooled batch, every
+    batch gets drawn, and the four possible values average to the loss on the whole pool."""
+    def objective(minibatch: int) -> RGDMObjective:
+        model = standard_gaussian_diffusion(dim=2, timesteps=100)
+        config = RGDMConfig(variant="sequence", sampling_steps=10, batch_size=8, normalize_rewards=False,
+                            sequence_loss="path", sequence_proposal="reference", sequence_pool=4,
+                            sequence_replay=1, sequence_minibatch=minibatch)
+        return RGDMObjective(model, GaussianTask(2, lambda x: x.sum(-1)), config)
+
+    whole, drawn = objective(0), objective(1)
+    policy = copy.deepcopy(whole.reference).requires_grad_(True)
+    for step in range(4):  # four fresh batches fill the pool
+        whole.loss(policy, step)
+    drawn._pool = list(whole._pool)
+    whole.replaying = drawn.replaying = lambda step: True  # from here on every step refits the same pool
+    full = whole.loss(policy, 4)[0].item()
+    values = {round(drawn.loss(policy, step)[0].item(), 6) for step in range(4, 64)}
+    assert len(values) == 4, values
+    assert sum(values) / 4 == pytest.approx(full, rel=1e-5)
+    # Negative control: without the factor len(pool) / minibatch the draws average to a quarter of it.
+    assert sum(values) / 16 != pytest.approx(full, rel=0.1)
+
+
+def test_minibatch_needs_a_larger_pool():
+    with pytest.raises(ConfigError, match="sequence_minibatch"):
+        RGDMConfig(variant="sequence", sequence_pool=4, sequence_minibatch=4).validate()
+    with pytest.raises(ConfigError, match="sequence_minibatch"):
+        RGDMConfig(variant="step", sequence_minibatch=1).validate()
+    RGDMConfig(variant="sequence", sequence_pool=4, sequence_minibatch=2).validate()

@@ -60,6 +60,7 @@ class RGDMConfig:
     denoising_repeats: int = 4  # sequence variant, "denoising": noise levels per sample in the weighted loss
     sequence_replay: int = 1  # sequence variant: optimizer steps per weighted batch of roll-outs (docs/rgdm.md)
     sequence_pool: int = 1  # sequence variant: the loss weights the last this many batches jointly
+    sequence_minibatch: int = 0  # sequence variant: pooled batches drawn per optimizer step (0 = the whole pool)
     sequence_proposal: str = "policy"  # sequence variant: roll-outs of the "policy" or of the frozen "reference"
 
     def validate(self) -> None:
@@ -75,6 +76,7 @@ class RGDMConfig:
         _check_range("rgdm.path_steps", self.path_steps, low=0)
         _check_range("rgdm.lookahead_steps", self.lookahead_steps, low=0)
         _check_range("rgdm.reference_refresh", self.reference_refresh, low=0)
+        _check_range("rgdm.sequence_minibatch", self.sequence_minibatch, low=0)
         for key in ("batch_size", "num_candidates", "explore_steps", "num_probes",
                     "lookahead_samples", "normalizer_buffer", "normalizer_min_count", "mle_batch_size",
                     "denoising_repeats", "replay", "explored_pool", "sequence_replay",
@@ -97,6 +99,10 @@ class RGDMConfig:
             raise ConfigError("rgdm.sequence_replay / sequence_pool: the path loss reuses a batch only with "
                               "sequence_proposal: reference (its likelihood ratio to a moved policy is not "
                               "corrected); use sequence_loss: denoising or the reference proposal")
+        if self.sequence_minibatch and (self.variant != "sequence" or self.sequence_minibatch >= self.sequence_pool):
+            raise ConfigError(f"rgdm.sequence_minibatch: draws batches out of the sequence level's pool, so it needs "
+                              f"variant: sequence and fewer than sequence_pool ({self.sequence_pool}) batches, "
+                              f"got {self.sequence_minibatch}")
         if self.value_shrinkage and (self.variant != "step" or self.lookahead != "continuation"
                                      or self.lookahead_samples < 2):
             raise ConfigError("rgdm.value_shrinkage: measures the look-ahead's noise from its continuations, so it "

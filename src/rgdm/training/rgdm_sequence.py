@@ -61,19 +61,33 @@ def sequence_loss(objective: RGDMObjective, model: GaussianDiffusion, shard: Bat
     calls, and ``sequence_pool`` > 1 fits the loss on the last that many batches at once, each
     sample weighted against its own sampler and the weights normalised over the whole pool (a
     mixture of proposals, each term exact): more samples per step, the same reward calls.
+    ``sequence_minibatch`` > 0 fits each step on that many batches drawn from the pool, so that a
+    large pool costs no more per step than a small one.
     """
     cfg = objective.config
     if not objective.replaying(step):
         rollouts = scored_rollouts(objective, model, shard, generator, step)
         objective._pool = [*objective._pool, rollouts][-cfg.sequence_pool:]
     weights, metrics = pool_weights(objective, objective._pool)
+    batches, scale = drawn_batches(list(zip(objective._pool, weights)), cfg.sequence_minibatch, generator)
     if cfg.sequence_loss == "path":
         pool_size = sum(len(b.values) for b in objective._pool)
-        loss = sum(path_loss(objective, model, b, w, pool_size, generator) for b, w in zip(objective._pool, weights))
+        loss = sum(path_loss(objective, model, b, w, pool_size, generator) for b, w in batches)
     else:
         loss = sum(weighted_denoising_loss(model, b.x0, b.shard, w, cfg.denoising_repeats, generator)
-                   for b, w in zip(objective._pool, weights))
-    return loss, metrics
+                   for b, w in batches)
+    return scale * loss, metrics
+
+
+def drawn_batches(batches: list, minibatch: int, generator) -> tuple[list, float]:
+    """``minibatch`` of the pooled ``batches`` drawn uniformly without replacement, and the factor
+    len(batches) / minibatch that makes the loss on them an unbiased estimate of the loss on all of them
+    (the weights stay normalised over the whole pool). All of them, factor 1, when ``minibatch`` is 0 or
+    the pool is not larger yet."""
+    if not minibatch or len(batches) <= minibatch:
+        return batches, 1.0
+    picks = torch.randperm(len(batches), generator=generator, device=generator.device)[:minibatch]
+    return [batches[i] for i in picks.sort().values.tolist()], len(batches) / minibatch
 
 
 @torch.no_grad()
