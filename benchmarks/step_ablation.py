@@ -113,6 +113,10 @@ SEQUENCE_SETTINGS: dict[str, dict] = {
                                                 "sequence_pool": 4, "sequence_replay": 2, "path_steps": 8},
     "sequence reference path pool=4 replay=4": {"sequence_proposal": "reference", "sequence_loss": "path",
                                                 "sequence_pool": 4, "sequence_replay": 4, "path_steps": 8},
+    # every batch of the budget pooled (50 at 792 calls), each step fitted on 2 of them drawn at random
+    "sequence reference path pool=50 minibatch=2 replay=4": {
+        "sequence_proposal": "reference", "sequence_loss": "path", "sequence_pool": 50, "sequence_minibatch": 2,
+        "sequence_replay": 4, "path_steps": 8},
 }
 BASELINES = ("rgdm_sequence", "rwr", "ddpo_is", "ppo")
 
