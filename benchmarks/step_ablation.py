@@ -85,6 +85,9 @@ SETTINGS: dict[str, dict] = {
     "window refresh=4": {**WINDOW, "reference_refresh": 4},
     "window refresh=4 first_step_kl=1": {**WINDOW, "reference_refresh": 4, "first_step_kl": 1.0},
     "window refresh=4 mix=0.2": {**WINDOW, "reference_refresh": 4, "reference_base_mix": 0.2},
+    # ... holding the atom types near the pre-trained model's (the refreshes drift toward carbon)
+    "window refresh=4 atom_type_kl=1": {**WINDOW, "reference_refresh": 4, "atom_type_kl": 1.0},
+    "window refresh=4 atom_type_kl=10": {**WINDOW, "reference_refresh": 4, "atom_type_kl": 10.0},
     # one continuation per candidate, the calls spent on more explored states instead
     "window M=1": {**WINDOW, "lookahead_samples": 1, "explore_steps": 4},
     "window M=1 K=4": {**WINDOW, "lookahead_samples": 1, "num_candidates": 4, "explore_steps": 8},
