@@ -78,7 +78,8 @@ def test_reusing_the_policys_batches_with_the_path_loss_is_refused(reuse):
     RGDMConfig(variant="sequence", sequence_loss="path", sequence_proposal="reference", **reuse).validate()
 
 
-def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
+@pytest.mark.parametrize("minibatch", [0, 1])
+def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, minibatch):
     from rgdm.config import FinetuneConfig, TrainConfig
     from rgdm.training.checkpoint import checkpoint_paths, load_checkpoint
     from rgdm.training.finetune import finetune
@@ -87,7 +88,7 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained):
         return FinetuneConfig(
             name="ft", base=str(tiny_pretrained), reward={"name": "qed", "method": "edm", "backend": "inline"},
             rgdm=RGDMConfig(variant="sequence", batch_size=4, sampling_steps=6, sequence_replay=3, sequence_pool=2,
-                            denoising_repeats=1),
+                            sequence_minibatch=minibatch, denoising_repeats=1),
             train=TrainConfig(steps=steps, lr=1e-3, ema_decay=0.0, log_every=1, val_every=100, checkpoint_every=100),
             eval_samples=0).validate()
 
