@@ -64,7 +64,7 @@ from rgdm.training.rgdm_sequence import (
     sequence_loss,
 )
 from rgdm.training.rgdm_state import pool_from_state, pool_to_state, replay_from_state, replay_to_state
-from rgdm.training.rollouts import collect_trajectories, first_step_kl, reward_metrics, step_times
+from rgdm.training.rollouts import collect_trajectories, draw_sorted, first_step_kl, reward_metrics, step_times
 from rgdm.training.tasks import BatchShard, Conditions, Task, task_stats
 
 __all__ = ["Exploration", "RGDMObjective", "ScoredRollouts", "effective_sample_size", "explore_sample",
@@ -313,11 +313,9 @@ class RGDMObjective:
         final = self.task.score(traj.x0, cond).gathered(shard)
         self._local_calls += cond.batch_size
         window = self.explored_pairs(grid, model.timesteps)
-        order = torch.randperm(len(window), generator=generator, device=generator.device)[
-            : min(cfg.explore_steps, len(window))]
-        picks = torch.tensor(window, device=order.device)[order].sort().values
+        picks = [window[i] for i in draw_sorted(len(window), cfg.explore_steps, generator)]  # window is increasing
         items, ess_all, entropy_all, tau_all, signal_all = [], [], [], [], []
-        for idx in picks.tolist():
+        for idx in picks:
             t_int, s_int = grid[idx], grid[idx + 1]
             z_t = traj.states[idx]
             exp = self.explore(z_t, t_int, s_int, shard, generator)

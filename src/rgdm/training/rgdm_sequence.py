@@ -23,7 +23,7 @@ from rgdm.training.payoff_weights import (
     effective_sample_size,
     truncate_weights,
 )
-from rgdm.training.rollouts import collect_trajectories, reward_metrics, weighted_denoising_loss
+from rgdm.training.rollouts import collect_trajectories, draw_sorted, reward_metrics, weighted_denoising_loss
 from rgdm.training.tasks import BatchShard, Conditions
 
 if TYPE_CHECKING:
@@ -79,15 +79,15 @@ def sequence_loss(objective: RGDMObjective, model: GaussianDiffusion, shard: Bat
     return scale * loss, metrics
 
 
-def drawn_batches(batches: list, minibatch: int, generator) -> tuple[list, float]:
+def drawn_batches(batches: list[tuple[ScoredRollouts, Tensor]], minibatch: int,
+                  generator) -> tuple[list[tuple[ScoredRollouts, Tensor]], float]:
     """``minibatch`` of the pooled ``batches`` drawn uniformly without replacement, and the factor
     len(batches) / minibatch that makes the loss on them an unbiased estimate of the loss on all of them
     (the weights stay normalised over the whole pool). All of them, factor 1, when ``minibatch`` is 0 or
     the pool is not larger yet."""
     if not minibatch or len(batches) <= minibatch:
         return batches, 1.0
-    picks = torch.randperm(len(batches), generator=generator, device=generator.device)[:minibatch]
-    return [batches[i] for i in picks.sort().values.tolist()], len(batches) / minibatch
+    return [batches[i] for i in draw_sorted(len(batches), minibatch, generator)], len(batches) / minibatch
 
 
 @torch.no_grad()
@@ -168,12 +168,11 @@ def path_loss(objective: RGDMObjective, model: GaussianDiffusion, rollouts: Scor
     cfg, cond = objective.config, rollouts.shard.conditions
     grid, states = rollouts.grid, rollouts.states
     n_pairs = len(grid) - 1
-    picks = torch.randperm(n_pairs, generator=generator, device=generator.device)[
-        : cfg.path_steps or n_pairs].sort().values
+    picks = draw_sorted(n_pairs, cfg.path_steps or n_pairs, generator)
     from_reference = cfg.sequence_proposal == "reference"
     uniform = 1.0 / pool_size
     total = 0.0
-    for idx in picks.tolist():
+    for idx in picks:
         z_t, z_s = states[idx], states[idx + 1]
         if cfg.control_variate:
             # The step's own noise p_i = z_s - mean_sampler has mean zero whatever the state:

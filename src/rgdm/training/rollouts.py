@@ -133,3 +133,10 @@ def reward_metrics(final: Scores) -> dict[str, float]:
     if final.property is not None and torch.isfinite(final.property).any():
         out["property_mean"] = final.property[torch.isfinite(final.property)].mean().item()
     return out
+
+
+def draw_sorted(n: int, k: int, generator: torch.Generator) -> list[int]:
+    """``min(k, n)`` of the indices 0..n-1 drawn uniformly without replacement, in increasing order
+    (which random steps of a roll-out, or batches of a pool, a loss uses)."""
+    picks = torch.randperm(n, generator=generator, device=generator.device)[: min(k, n)]
+    return picks.sort().values.tolist()
