@@ -260,7 +260,9 @@ def continue_run(method: str, seed: int, args: argparse.Namespace, run_dir: Path
     for name in ("config.yaml", "metrics.csv"):
         shutil.copy2(source / name, run_dir / name)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
-    newest = sorted((source / "checkpoints").glob("step_*.pt"))[-1]
+    from rgdm.training.checkpoint import checkpoint_paths
+
+    newest = checkpoint_paths(source / "checkpoints")[-1]
     shutil.copy2(newest, run_dir / "checkpoints" / newest.name)
     return float(json.loads(finished.read_text())["train_seconds"])
 
