@@ -52,7 +52,8 @@ def method_settings(method: str, args: argparse.Namespace) -> dict:
         return {"rgdm": sequence}
     if method == "rgdm_reference":  # exact pay-off of the frozen base: pooled, replayed reference roll-outs
         return {"rgdm": {**sequence, "sequence_proposal": "reference", "sequence_pool": args.pool,
-                         "sequence_replay": args.replay, "sequence_minibatch": args.minibatch}}
+                         "sequence_replay": args.replay, "sequence_minibatch": args.minibatch,
+                         "sequence_draw": args.draw}}
     if method == "rgdm_step":  # the default recipe (window, continuations, replay), at its own batch
         return {"rgdm": {**common, "variant": "step", "batch_size": STEP_BATCH, "tau": args.tau}}
     replay = {"inner_epochs": args.ppo_epochs, "minibatches": args.ppo_minibatches,
@@ -346,6 +347,8 @@ def main() -> None:
     parser.add_argument("--replay", type=int, default=4, help="rgdm_reference: optimizer steps per batch")
     parser.add_argument("--minibatch", type=int, default=0,
                         help="rgdm_reference: pooled batches fitted per optimizer step (0: the whole pool)")
+    parser.add_argument("--draw", default="batches", choices=("batches", "weights"),
+                        help="rgdm_reference with --minibatch: draw whole batches, or samples by their weights")
     parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO/DDPO passes over each batch")
     parser.add_argument("--ppo-minibatches", type=int, default=1, help="PPO/DDPO updates per pass")
     parser.add_argument("--ppo-timestep-fraction", type=float, default=0.2, help="steps of each trajectory per update")

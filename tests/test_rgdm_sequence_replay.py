@@ -78,8 +78,8 @@ def test_reusing_the_policys_batches_with_the_path_loss_is_refused(reuse):
     RGDMConfig(variant="sequence", sequence_loss="path", sequence_proposal="reference", **reuse).validate()
 
 
-@pytest.mark.parametrize("minibatch", [0, 1])
-def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, minibatch):
+@pytest.mark.parametrize("minibatch,draw", [(0, "batches"), (1, "batches"), (1, "weights")])
+def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, minibatch, draw):
     from rgdm.config import FinetuneConfig, TrainConfig
     from rgdm.training.checkpoint import checkpoint_paths, load_checkpoint
     from rgdm.training.finetune import finetune
@@ -88,7 +88,7 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, mi
         return FinetuneConfig(
             name="ft", base=str(tiny_pretrained), reward={"name": "qed", "method": "edm", "backend": "inline"},
             rgdm=RGDMConfig(variant="sequence", batch_size=4, sampling_steps=6, sequence_replay=3, sequence_pool=2,
-                            sequence_minibatch=minibatch, denoising_repeats=1),
+                            sequence_minibatch=minibatch, sequence_draw=draw, denoising_repeats=1),
             train=TrainConfig(steps=steps, lr=1e-3, ema_decay=0.0, log_every=1, val_every=100, checkpoint_every=100),
             eval_samples=0).validate()
 
@@ -106,12 +106,13 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, mi
 
 
 def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_reference: bool = False,
-                                loss: str = "denoising", pool_scale: int = 1):
+                                loss: str = "denoising", pool_scale: int = 1, draw: str = "batches"):
     """Sequence RGDM on the closed form with roll-outs of the frozen reference (the ratio is exactly 1),
     pooled over 4 batches (2 for the path loss) and replayed twice; yields (steps, exact mean, exact
     covariance, target mean, target covariance). ``break_reference`` lets the "reference" follow the
     policy (plain RWR with a pool). ``pool_scale`` > 1 pools that many times more batches and fits each
-    step on the usual number of them, drawn from the pool (``sequence_minibatch``)."""
+    step on the usual number of them, drawn from the pool (``sequence_minibatch``): whole batches, or with
+    ``draw="weights"`` as many samples drawn in proportion to their weights."""
     from rgdm.config import TrainConfig
     from rgdm.diffusion.analytic import exact_moments, gaussian_payoff
     from rgdm.training.loop import Trainer
@@ -125,7 +126,8 @@ def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_referenc
     batch, pool = (128, 4) if loss == "denoising" else (64, 2)
     config = RGDMConfig(variant="sequence", sampling_steps=50, batch_size=batch, tau=tau, normalize_rewards=False,
                         sequence_loss=loss, sequence_proposal="reference", sequence_pool=pool * pool_scale,
-                        sequence_minibatch=pool if pool_scale > 1 else 0, sequence_replay=2, denoising_repeats=1)
+                        sequence_minibatch=pool if pool_scale > 1 else 0, sequence_replay=2, denoising_repeats=1,
+                        sequence_draw=draw)
     objective = RGDMObjective(model, GaussianTask(2, lambda x: x @ a), config)
     if break_reference:
         objective.reference = model
@@ -191,6 +193,86 @@ def test_minibatch_of_the_pool_is_an_unbiased_estimate_of_the_pooled_loss():
     assert sum(values) / 4 == pytest.approx(full, rel=1e-5)
     # Negative control: without the factor len(pool) / minibatch the draws average to a quarter of it.
     assert sum(values) / 16 != pytest.approx(full, rel=0.1)
+
+
+def test_samples_drawn_by_weight_land_on_the_payoff(tmp_path, monkeypatch):
+    """``sequence_draw: weights`` fits each step on 2 batches' worth of samples drawn from a pool of 16
+    batches in proportion to their weights: the same fixed point, the pay-off (moments averaged over the
+    checkpoints from 80 to 200 steps, as above)."""
+    def averaged_fit():
+        fits = list(fit_from_reference_rollouts(tmp_path, tuple(range(80, 201, 20)), pool_scale=4, draw="weights"))
+        mean, cov = (torch.stack([fit[i] for fit in fits]).mean(0) for i in (1, 2))
+        return mean, cov, fits[0][3], fits[0][4]
+
+    mean, cov, target_mean, target_cov = averaged_fit()
+    assert (mean - target_mean).norm() < 0.1 * target_mean.norm(), (mean, target_mean)
+    assert (cov - target_cov).abs().max() < 0.1, (cov, target_cov)
+    # Negative control: draws that ignore the weights (uniform) refit the reference, mean 0.
+    from rgdm.training import rgdm_sequence
+
+    weighted = rgdm_sequence.global_pool_weights
+    monkeypatch.setattr(rgdm_sequence, "global_pool_weights",
+                        lambda *a: (torch.full_like(weighted(*a)[0], 1.0), weighted(*a)[1]))
+    mean, *_ = averaged_fit()
+    assert mean.norm() < 0.3 * target_mean.norm(), (mean, target_mean)
+
+
+def test_samples_drawn_by_weight_are_an_unbiased_estimate_of_the_pooled_loss():
+    """The mean loss of samples drawn in proportion to their weights averages, over draws, to the
+    weighted loss on the whole pool (both averaged over their random noise levels)."""
+    def objective(draw: str) -> RGDMObjective:
+        model = standard_gaussian_diffusion(dim=2, timesteps=100)
+        config = RGDMConfig(variant="sequence", sampling_steps=10, batch_size=8, normalize_rewards=False, tau=0.3,
+                            sequence_loss="denoising", sequence_proposal="reference", sequence_pool=3,
+                            sequence_replay=1, sequence_minibatch=1, sequence_draw=draw, denoising_repeats=1)
+        return RGDMObjective(model, GaussianTask(2, lambda x: 3 * x.sum(-1)), config)
+
+    whole, drawn = objective("batches"), objective("weights")
+    whole.config.sequence_minibatch = 0
+    policy = copy.deepcopy(whole.reference)
+    policy.predict_eps = lambda z, t, *a: 3 * z  # a policy whose loss differs a lot from sample to sample
+    for step in range(3):
+        whole.loss(policy, step)
+    drawn._pool = list(whole._pool)
+    whole.replaying = drawn.replaying = lambda step: True
+    weights, _ = whole._pool_weights(whole._pool)
+    assert torch.cat(weights).max() > 5 / 24  # far from uniform: the check below can tell them apart
+    full = torch.tensor([whole.loss(policy, step)[0].item() for step in range(4000)]).mean().item()
+    resampled = torch.tensor([drawn.loss(policy, step)[0].item() for step in range(4000)])
+    standard_error = resampled.std().item() / 4000**0.5
+    assert abs(resampled.mean().item() - full) < 3 * standard_error + 0.01 * full, (resampled.mean(), full)
+    # Negative control: the plain mean over the pool, every sample weighted alike, is another number.
+    plain = torch.cat([b.x0 for b in whole._pool])
+    uniform = torch.stack([policy.loss(plain).mean() for _ in range(4000)]).mean().item()
+    assert abs(uniform - full) > 0.1 * full, (uniform, full)
+
+
+def test_padded_rows_leave_the_molecule_loss_unchanged(tiny_pretrained):
+    """Samples of pooled batches with fewer atoms are padded to the drawn set's largest node count: the
+    padding must not change any sample's denoising loss."""
+    from rgdm.runs import load_model
+    from rgdm.training.rgdm_sequence import padded_rows
+
+    model = load_model(str(tiny_pretrained)).model
+    counts = torch.tensor([3, 5])
+    mask = model.mask_from_counts(counts)
+    generator = torch.Generator().manual_seed(0)
+    x0 = model.noise(torch.empty(2, 5, 3 + model.n_features), mask, generator)
+    t = torch.tensor([40, 40])
+    noise = model.noise(torch.empty_like(x0), mask, generator)
+    alone = model.loss(x0[:1, :3], mask[:1, :3], t=t[:1], noise=noise[:1, :3])
+    padded = model.loss(padded_rows([x0[0, :3], x0[1]], 5), mask, t=t, noise=noise)
+    torch.testing.assert_close(padded[0], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_draw_by_weights_needs_the_denoising_loss_and_a_minibatch():
+    for bad in (dict(sequence_minibatch=0), dict(sequence_loss="path", sequence_proposal="reference")):
+        with pytest.raises(ConfigError, match="sequence_draw"):
+            RGDMConfig(variant="sequence", sequence_draw="weights", **{"sequence_minibatch": 2, **bad}).validate()
+    with pytest.raises(ConfigError, match="sequence_draw"):
+        RGDMConfig(variant="sequence", sequence_draw="uniform").validate()
+    # More draws than the pool holds batches is fine: samples are drawn with replacement.
+    RGDMConfig(variant="sequence", sequence_draw="weights", sequence_pool=2, sequence_minibatch=4).validate()
 
 
 def test_minibatch_needs_a_larger_pool():

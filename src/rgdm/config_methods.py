@@ -62,6 +62,7 @@ class RGDMConfig:
     sequence_pool: int = 1  # sequence variant: the loss weights the last this many batches jointly
     sequence_minibatch: int = 0  # sequence variant: pooled batches drawn per optimizer step (0 = the whole pool)
     sequence_proposal: str = "policy"  # sequence variant: roll-outs of the "policy" or of the frozen "reference"
+    sequence_draw: str = "batches"  # with sequence_minibatch: draw whole "batches" uniformly, or samples by "weights"
 
     def validate(self) -> None:
         _check_choice("rgdm.variant", self.variant, ("step", "sequence"))
@@ -71,6 +72,7 @@ class RGDMConfig:
         _check_choice("rgdm.loss_weighting", self.loss_weighting, ("epsilon", "likelihood"))
         _check_choice("rgdm.sequence_loss", self.sequence_loss, ("path", "denoising"))
         _check_choice("rgdm.sequence_proposal", self.sequence_proposal, ("policy", "reference"))
+        _check_choice("rgdm.sequence_draw", self.sequence_draw, ("batches", "weights"))
         _check_choice("rgdm.weight_normalisation", self.weight_normalisation, ("self", "jackknife"))
         _check_choice("rgdm.value_estimate", self.value_estimate, ("soft", "mean"))
         _check_range("rgdm.path_steps", self.path_steps, low=0)
@@ -99,7 +101,13 @@ class RGDMConfig:
             raise ConfigError("rgdm.sequence_replay / sequence_pool: the path loss reuses a batch only with "
                               "sequence_proposal: reference (its likelihood ratio to a moved policy is not "
                               "corrected); use sequence_loss: denoising or the reference proposal")
-        if self.sequence_minibatch and (self.variant != "sequence" or self.sequence_minibatch >= self.sequence_pool):
+        if self.sequence_draw == "weights" and not (self.variant == "sequence" and self.sequence_loss == "denoising"
+                                                    and self.sequence_minibatch):
+            raise ConfigError("rgdm.sequence_draw: weights draws sequence_minibatch x batch_size samples of the pool "
+                              "for the denoising loss, so it needs variant: sequence, sequence_loss: denoising and "
+                              "sequence_minibatch > 0")
+        if self.sequence_draw == "batches" and self.sequence_minibatch and (
+                self.variant != "sequence" or self.sequence_minibatch >= self.sequence_pool):
             raise ConfigError(f"rgdm.sequence_minibatch: draws batches out of the sequence level's pool, so it needs "
                               f"variant: sequence and fewer than sequence_pool ({self.sequence_pool}) batches, "
                               f"got {self.sequence_minibatch}")

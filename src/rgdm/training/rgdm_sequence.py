@@ -68,6 +68,11 @@ def sequence_loss(objective: RGDMObjective, model: GaussianDiffusion, shard: Bat
     if not objective.replaying(step):
         rollouts = scored_rollouts(objective, model, shard, generator, step)
         objective._pool = [*objective._pool, rollouts][-cfg.sequence_pool:]
+    if cfg.sequence_draw == "weights":
+        weights, metrics = global_pool_weights(objective, objective._pool)
+        draws = cfg.sequence_minibatch * cfg.batch_size
+        return resampled_denoising_loss(model, objective._pool, weights, draws, cfg.denoising_repeats,
+                                        generator), metrics
     weights, metrics = pool_weights(objective, objective._pool)
     batches, scale = drawn_batches(list(zip(objective._pool, weights)), cfg.sequence_minibatch, generator)
     if cfg.sequence_loss == "path":
@@ -88,6 +93,60 @@ def drawn_batches(batches: list[tuple[ScoredRollouts, Tensor]], minibatch: int,
     if not minibatch or len(batches) <= minibatch:
         return batches, 1.0
     return [batches[i] for i in draw_sorted(len(batches), minibatch, generator)], len(batches) / minibatch
+
+
+def resampled_denoising_loss(model: GaussianDiffusion, pool: list[ScoredRollouts], weights: Tensor, draws: int,
+                              repeats: int, generator) -> Tensor:
+    """The plain mean denoising loss of ``draws`` samples drawn from the whole pool with replacement,
+    each with probability equal to its weight (``weights``: over every rank's samples, in pool order).
+
+    Its expectation is the weighted loss Σ_i w_i L_i on the pool, like that of ``drawn_batches``, but
+    every drawn sample counts fully: batches drawn uniformly spend most of their rows on samples whose
+    weight is nearly zero (at an ESS of a third of the pool, two thirds of them), so at equal cost the
+    resampled estimate has about 1 / (ESS fraction) times less variance. The draws, their noise levels
+    and noise are made for the global set of draws from the shared generator; each rank computes the
+    draws whose rows it holds, divided by ``draws``, so the ranks' losses sum to the global one.
+    """
+    picks = torch.multinomial(weights, draws, replacement=True, generator=generator)
+    sizes = [b.shard.global_size for b in pool]
+    batch_of = torch.repeat_interleave(torch.arange(len(pool), device=weights.device),
+                                       torch.tensor(sizes, device=weights.device))[picks].tolist()
+    row_of = (picks - torch.tensor([0, *sizes], device=weights.device).cumsum(0)[:-1][batch_of]).tolist()
+    conditions = stacked_conditions([pool[b].shard.global_conditions.select(torch.tensor([r]))
+                                     for b, r in zip(batch_of, row_of)])
+    mine = [i for i, (b, r) in enumerate(zip(batch_of, row_of)) if pool[b].shard.start <= r < pool[b].shard.stop]
+    losses = []
+    for _ in range(repeats):
+        t = torch.randint(0, model.timesteps + 1, (draws,), generator=generator, device=weights.device)
+        noise = model.noise(torch.empty(conditions.shape, device=weights.device), conditions.node_mask, generator)
+        if mine:
+            own = torch.tensor(mine)
+            x0 = padded_rows([pool[batch_of[i]].x0[row_of[i] - pool[batch_of[i]].shard.start] for i in mine],
+                             conditions.shape[1] if len(conditions.shape) > 2 else None)
+            cond = conditions.select(own)
+            losses.append(model.loss(x0, cond.node_mask, cond.context, t=t[own], noise=noise[own]).sum())
+    if not losses:  # this rank holds none of the draws: it adds nothing to the global gradient
+        return torch.zeros((), device=weights.device, requires_grad=True)
+    return torch.stack(losses).mean() / draws
+
+
+def stacked_conditions(parts: list[Conditions]) -> Conditions:
+    """One batch of the rows of ``parts``, node masks padded with zeros to the largest node count."""
+    width = max(p.shape[1] for p in parts) if len(parts[0].shape) > 2 else None
+    cat = lambda vs: None if vs[0] is None else torch.cat(vs)  # noqa: E731
+    masks = None
+    if parts[0].node_mask is not None:
+        masks = torch.cat([torch.nn.functional.pad(p.node_mask, (0, 0, 0, width - p.shape[1])) for p in parts])
+    shape = (len(parts), width, *parts[0].shape[2:]) if width is not None else (len(parts), *parts[0].shape[1:])
+    return Conditions(shape, masks, cat([p.context for p in parts]), cat([p.targets for p in parts]))
+
+
+def padded_rows(rows: list[Tensor], width: int | None) -> Tensor:
+    """Samples [N_i, D] of different node counts as one batch [len, width, D], padded with zeros
+    (vectors [D] without a node axis, ``width`` None, are stacked as they are)."""
+    if width is None:
+        return torch.stack(rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
 
 
 @torch.no_grad()
@@ -115,6 +174,13 @@ def scored_rollouts(objective: RGDMObjective, model: GaussianDiffusion, shard: B
 def pool_weights(objective: RGDMObjective, pool: list[ScoredRollouts]) -> tuple[list[Tensor], dict[str, float]]:
     """Self-normalised, truncated weights over every sample of ``pool``, as each batch's local slice,
     and the metrics of the newest batch with the weights' ESS over the pool."""
+    weights, metrics = global_pool_weights(objective, pool)
+    slices = weights.split([len(b.values) for b in pool])
+    return [b.shard.local(w) for b, w in zip(pool, slices)], metrics
+
+
+def global_pool_weights(objective: RGDMObjective, pool: list[ScoredRollouts]) -> tuple[Tensor, dict[str, float]]:
+    """The weights of ``pool_weights`` over every rank's samples, in pool order (one flat tensor)."""
     cfg = objective.config
     values = torch.cat([b.values for b in pool])
     log_ratio = torch.cat([b.log_ratio for b in pool])
@@ -130,8 +196,7 @@ def pool_weights(objective: RGDMObjective, pool: list[ScoredRollouts]) -> tuple[
     metrics.update({"ess": ess, "ess_fraction": ess / len(values), "tau": tau.mean().item(),
                     "weight_entropy": -(weights * torch.log(weights.clamp(min=1e-30))).sum().item(),
                     "log_ratio_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0})
-    slices = weights.split([len(b.values) for b in pool])
-    return [b.shard.local(w) for b, w in zip(pool, slices)], metrics
+    return weights, metrics
 
 
 def step_nll(objective: RGDMObjective, model: GaussianDiffusion, z_t: Tensor, z_s: Tensor, t_int: int, s_int: int,
