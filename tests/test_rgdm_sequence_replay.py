@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from torch import Tensor
 
 from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
@@ -281,3 +282,30 @@ def test_minibatch_needs_a_larger_pool():
     with pytest.raises(ConfigError, match="sequence_minibatch"):
         RGDMConfig(variant="step", sequence_minibatch=1).validate()
     RGDMConfig(variant="sequence", sequence_pool=4, sequence_minibatch=2).validate()
+
+
+@pytest.mark.parametrize("draw", ["batches", "weights"])
+def test_denoising_t_max_bounds_the_noise_levels_of_the_fit(draw, monkeypatch):
+    """``denoising_t_max: 0.3`` fits the weighted samples at noise levels t <= 0.3 T only, with either draw."""
+    def noise_levels_used(t_max: float) -> Tensor:
+        model = standard_gaussian_diffusion(dim=2, timesteps=100)
+        config = RGDMConfig(variant="sequence", sampling_steps=10, batch_size=8, normalize_rewards=False,
+                            sequence_loss="denoising", sequence_proposal="reference", sequence_pool=4,
+                            sequence_minibatch=2, sequence_draw=draw, denoising_t_max=t_max)
+        objective = RGDMObjective(model, GaussianTask(2, lambda x: x.sum(-1)), config)
+        policy = copy.deepcopy(objective.reference).requires_grad_(True)
+        seen, loss = [], policy.loss
+        monkeypatch.setattr(policy, "loss", lambda *a, t, **k: seen.append(t) or loss(*a, t=t, **k))
+        for step in range(8):
+            objective.loss(policy, step)
+        return torch.cat(seen)
+
+    assert noise_levels_used(0.3).max() <= 30 and noise_levels_used(0.3).min() >= 0
+    # Negative control: the whole horizon draws levels above 0.3 T too.
+    assert noise_levels_used(1.0).max() > 30
+
+
+def test_denoising_t_max_is_a_fraction_of_the_horizon():
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="denoising_t_max"):
+            RGDMConfig(variant="sequence", denoising_t_max=bad).validate()

@@ -58,6 +58,7 @@ class RGDMConfig:
     path_steps: int = 0  # "path": random steps of each trajectory in the loss per iteration (0 = all)
     final_step_in_ratio: bool = False  # sequence variant: count the last step (std ~ data precision) in pi_ref/pi
     denoising_repeats: int = 4  # sequence variant, "denoising": noise levels per sample in the weighted loss
+    denoising_t_max: float = 1.0  # sequence variant, "denoising": noise levels drawn from t <= denoising_t_max * T
     sequence_replay: int = 1  # sequence variant: optimizer steps per weighted batch of roll-outs (docs/rgdm.md)
     sequence_pool: int = 1  # sequence variant: the loss weights the last this many batches jointly
     sequence_minibatch: int = 0  # sequence variant: pooled batches drawn per optimizer step (0 = the whole pool)
@@ -89,6 +90,8 @@ class RGDMConfig:
         _check_range("rgdm.radius", self.radius, low=0.0)
         _check_range("rgdm.tau", self.tau, low=1e-6)
         _check_range("rgdm.target_ess", self.target_ess, low=1e-3, high=1.0)
+        if not 0.0 < self.denoising_t_max <= 1.0:
+            raise ConfigError(f"rgdm.denoising_t_max: a fraction of the horizon in (0, 1], got {self.denoising_t_max}")
         if not 0.0 < self.explore_t_max <= 1.0:
             raise ConfigError(f"rgdm.explore_t_max: a fraction of the horizon in (0, 1], got {self.explore_t_max}")
         for key in ("lambda_mle", "kl_weight", "first_step_kl", "early_sequence_weight", "fd_jitter", "atom_type_kl"):

@@ -23,7 +23,13 @@ from rgdm.training.payoff_weights import (
     effective_sample_size,
     truncate_weights,
 )
-from rgdm.training.rollouts import collect_trajectories, draw_sorted, reward_metrics, weighted_denoising_loss
+from rgdm.training.rollouts import (
+    collect_trajectories,
+    draw_sorted,
+    noise_levels,
+    reward_metrics,
+    weighted_denoising_loss,
+)
 from rgdm.training.tasks import BatchShard, Conditions
 
 if TYPE_CHECKING:
@@ -72,15 +78,15 @@ def sequence_loss(objective: RGDMObjective, model: GaussianDiffusion, shard: Bat
         weights, metrics = global_pool_weights(objective, objective._pool)
         draws = cfg.sequence_minibatch * cfg.batch_size
         return resampled_denoising_loss(model, objective._pool, weights, draws, cfg.denoising_repeats,
-                                        generator), metrics
+                                        generator, cfg.denoising_t_max), metrics
     weights, metrics = pool_weights(objective, objective._pool)
     batches, scale = drawn_batches(list(zip(objective._pool, weights)), cfg.sequence_minibatch, generator)
     if cfg.sequence_loss == "path":
         pool_size = sum(len(b.values) for b in objective._pool)
         loss = sum(path_loss(objective, model, b, w, pool_size, generator) for b, w in batches)
     else:
-        loss = sum(weighted_denoising_loss(model, b.x0, b.shard, w, cfg.denoising_repeats, generator)
-                   for b, w in batches)
+        loss = sum(weighted_denoising_loss(model, b.x0, b.shard, w, cfg.denoising_repeats, generator,
+                                           cfg.denoising_t_max) for b, w in batches)
     return scale * loss, metrics
 
 
@@ -96,7 +102,7 @@ def drawn_batches(batches: list[tuple[ScoredRollouts, Tensor]], minibatch: int,
 
 
 def resampled_denoising_loss(model: GaussianDiffusion, pool: list[ScoredRollouts], weights: Tensor, draws: int,
-                              repeats: int, generator) -> Tensor:
+                              repeats: int, generator, t_max: float = 1.0) -> Tensor:
     """The plain mean denoising loss of ``draws`` samples drawn from the whole pool with replacement,
     each with probability equal to its weight (``weights``: over every rank's samples, in pool order).
 
@@ -104,8 +110,9 @@ def resampled_denoising_loss(model: GaussianDiffusion, pool: list[ScoredRollouts
     every drawn sample counts fully: batches drawn uniformly spend most of their rows on samples whose
     weight is nearly zero (at an ESS of a third of the pool, two thirds of them), so at equal cost the
     resampled estimate has about 1 / (ESS fraction) times less variance. The draws, their noise levels
-    and noise are made for the global set of draws from the shared generator; each rank computes the
-    draws whose rows it holds, divided by ``draws``, so the ranks' losses sum to the global one.
+    (t <= ``t_max`` · T) and noise are made for the global set of draws from the shared generator; each
+    rank computes the draws whose rows it holds, divided by ``draws``, so the ranks' losses sum to the
+    global one.
     """
     picks = torch.multinomial(weights, draws, replacement=True, generator=generator)
     sizes = [b.shard.global_size for b in pool]
@@ -117,7 +124,7 @@ def resampled_denoising_loss(model: GaussianDiffusion, pool: list[ScoredRollouts
     mine = [i for i, (b, r) in enumerate(zip(batch_of, row_of)) if pool[b].shard.start <= r < pool[b].shard.stop]
     losses = []
     for _ in range(repeats):
-        t = torch.randint(0, model.timesteps + 1, (draws,), generator=generator, device=weights.device)
+        t = noise_levels(model, draws, t_max, generator, weights.device)
         noise = model.noise(torch.empty(conditions.shape, device=weights.device), conditions.node_mask, generator)
         if mine:
             own = torch.tensor(mine)

@@ -111,18 +111,24 @@ def collect_trajectories(model: GaussianDiffusion, batch: BatchShard | Condition
 
 
 def weighted_denoising_loss(model: GaussianDiffusion, x0: Tensor, shard: BatchShard, weights: Tensor,
-                            repeats: int, generator: torch.Generator | None = None) -> Tensor:
+                            repeats: int, generator: torch.Generator | None = None, t_max: float = 1.0) -> Tensor:
     """Σ_i w_i · (denoising loss of sample i, averaged over ``repeats`` noise levels) over this rank's
     rows: the weighted maximum-likelihood fit of sequence-level RGDM and RWR. ``weights`` are the
     rank's slice of weights normalised over the global batch, so the ranks' losses sum to the global
-    one; noise levels and noise are drawn for the global batch."""
+    one; noise levels (uniform on t <= ``t_max`` · T) and noise are drawn for the global batch."""
     cond = shard.conditions
     losses = []
     for _ in range(repeats):
-        t = torch.randint(0, model.timesteps + 1, (shard.global_size,), generator=generator, device=x0.device)
+        t = noise_levels(model, shard.global_size, t_max, generator, x0.device)
         noise = shard.noise(model, generator)
         losses.append(model.loss(x0, cond.node_mask, cond.context, t=shard.local(t), noise=noise))
     return (torch.stack(losses).mean(0) * weights).sum()
+
+
+def noise_levels(model: GaussianDiffusion, n: int, t_max: float, generator, device) -> Tensor:
+    """``n`` integer noise levels drawn uniformly from 0 .. round(``t_max`` · T)."""
+    high = max(1, round(t_max * model.timesteps))
+    return torch.randint(0, high + 1, (n,), generator=generator, device=device)
 
 
 def reward_metrics(final: Scores) -> dict[str, float]:
