@@ -94,12 +94,17 @@ def test_anchor_must_not_overshoot_the_start():
         from_dict(RunConfig, {"train": {"lr": 1e-3, "anchor": 2e3}}).validate()
 
 
-def test_an_option_newer_than_the_checkpoint_is_no_change_while_off():
+def test_an_option_newer_than_the_checkpoint_is_no_change_while_it_does_what_came_before():
     from rgdm.training.loop import _changed_keys
 
     old = {"train": {"lr": 1e-4}}
     assert _changed_keys(old, {"train": {"lr": 1e-4, "anchor": 0.0}}) == []
     assert _changed_keys(old, {"train": {"lr": 1e-4, "anchor": 5.0}}) == ["train.anchor"]
+    # An option whose earlier behaviour is a value of its own: unchanged at that value only.
+    old = {"rgdm": {"tau": 0.25}}
+    assert _changed_keys(old, {"rgdm": {"tau": 0.25, "sequence_draw": "batches", "denoising_t_max": 1.0}}) == []
+    assert _changed_keys(old, {"rgdm": {"tau": 0.25, "sequence_draw": "weights", "denoising_t_max": 0.2}}) == [
+        "rgdm.denoising_t_max", "rgdm.sequence_draw"]
 
 
 def test_existing_run_is_not_overwritten(tmp_path, qm9_all):

@@ -55,6 +55,10 @@ RESUMABLE_CHANGES = frozenset({
     "train.keep_checkpoints", "train.num_threads",
 })
 
+# Options added after checkpoints existed whose earlier behaviour is not "off" (None, False, 0, ""), each
+# with the value that reproduces the runs made before it: a checkpoint without the key resumes under it.
+ADDED_OPTIONS = {"rgdm.sequence_draw": "batches", "rgdm.denoising_t_max": 1.0}
+
 
 class Objective(Protocol):
     """What a training method provides to the loop."""
@@ -387,8 +391,8 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if key not in old and b in (None, False, 0, ""):
-            continue  # an option newer than the checkpoint, set off: how the run was made (options are added off)
+        if key not in old and (b in (None, False, 0, "") or ADDED_OPTIONS.get(f"{prefix}{key}", ...) == b):
+            continue  # an option newer than the checkpoint, set off (or as before it): how the run was made
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:
