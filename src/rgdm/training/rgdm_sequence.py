@@ -114,11 +114,11 @@ def resampled_denoising_loss(model: GaussianDiffusion, pool: list[ScoredRollouts
     rank computes the draws whose rows it holds, divided by ``draws``, so the ranks' losses sum to the
     global one.
     """
-    picks = torch.multinomial(weights, draws, replacement=True, generator=generator)
-    sizes = [b.shard.global_size for b in pool]
-    batch_of = torch.repeat_interleave(torch.arange(len(pool), device=weights.device),
-                                       torch.tensor(sizes, device=weights.device))[picks].tolist()
-    row_of = (picks - torch.tensor([0, *sizes], device=weights.device).cumsum(0)[:-1][batch_of]).tolist()
+    picks = torch.multinomial(weights, draws, replacement=True, generator=generator).cpu()
+    sizes = torch.tensor([b.shard.global_size for b in pool])
+    ends = sizes.cumsum(0)
+    batch = torch.searchsorted(ends, picks, right=True)  # the pooled batch of each drawn sample
+    batch_of, row_of = batch.tolist(), (picks - (ends - sizes)[batch]).tolist()  # and its row in that batch
     conditions = stacked_conditions([pool[b].shard.global_conditions.select(torch.tensor([r]))
                                      for b, r in zip(batch_of, row_of)])
     mine = [i for i, (b, r) in enumerate(zip(batch_of, row_of)) if pool[b].shard.start <= r < pool[b].shard.stop]
