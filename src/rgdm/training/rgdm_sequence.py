@@ -109,10 +109,10 @@ def resampled_denoising_loss(model: GaussianDiffusion, pool: list[ScoredRollouts
     Its expectation is the weighted loss Σ_i w_i L_i on the pool, like that of ``drawn_batches``, but
     every drawn sample counts fully: batches drawn uniformly spend most of their rows on samples whose
     weight is nearly zero (at an ESS of a third of the pool, two thirds of them), so at equal cost the
-    resampled estimate has about 1 / (ESS fraction) times less variance. The draws, their noise levels
-    (t <= ``t_max`` · T) and noise are made for the global set of draws from the shared generator; each
-    rank computes the draws whose rows it holds, divided by ``draws``, so the ranks' losses sum to the
-    global one.
+    weights add less variance (the part of it that they carry shrinks by up to the ESS fraction). The
+    draws, their noise levels (t <= ``t_max`` · T) and noise are made for the global set of draws from
+    the shared generator; each rank computes the draws whose rows it holds, divided by ``draws``, so the
+    ranks' losses sum to the global one.
     """
     picks = torch.multinomial(weights, draws, replacement=True, generator=generator).cpu()
     sizes = torch.tensor([b.shard.global_size for b in pool])
