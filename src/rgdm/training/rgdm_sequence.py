@@ -122,15 +122,16 @@ def resampled_denoising_loss(model: GaussianDiffusion, pool: list[ScoredRollouts
     conditions = stacked_conditions([pool[b].shard.global_conditions.select(torch.tensor([r]))
                                      for b, r in zip(batch_of, row_of)])
     mine = [i for i, (b, r) in enumerate(zip(batch_of, row_of)) if pool[b].shard.start <= r < pool[b].shard.stop]
+    if mine:  # this rank's drawn samples, the same for every noise level
+        own = torch.tensor(mine)
+        x0 = padded_rows([pool[batch_of[i]].x0[row_of[i] - pool[batch_of[i]].shard.start] for i in mine],
+                         conditions.shape[1] if len(conditions.shape) > 2 else None)
+        cond = conditions.select(own)
     losses = []
     for _ in range(repeats):
         t = noise_levels(model, draws, t_max, generator, weights.device)
         noise = model.noise(torch.empty(conditions.shape, device=weights.device), conditions.node_mask, generator)
         if mine:
-            own = torch.tensor(mine)
-            x0 = padded_rows([pool[batch_of[i]].x0[row_of[i] - pool[batch_of[i]].shard.start] for i in mine],
-                             conditions.shape[1] if len(conditions.shape) > 2 else None)
-            cond = conditions.select(own)
             losses.append(model.loss(x0, cond.node_mask, cond.context, t=t[own], noise=noise[own]).sum())
     if not losses:  # this rank holds none of the draws: it adds nothing to the global gradient
         return torch.zeros((), device=weights.device, requires_grad=True)
