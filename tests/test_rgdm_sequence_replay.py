@@ -107,13 +107,15 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, mi
 
 
 def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_reference: bool = False,
-                                loss: str = "denoising", pool_scale: int = 1, draw: str = "batches"):
+                                loss: str = "denoising", pool_scale: int = 1, draw: str = "batches",
+                                **settings):
     """Sequence RGDM on the closed form with roll-outs of the frozen reference (the ratio is exactly 1),
     pooled over 4 batches (2 for the path loss) and replayed twice; yields (steps, exact mean, exact
     covariance, target mean, target covariance). ``break_reference`` lets the "reference" follow the
     policy (plain RWR with a pool). ``pool_scale`` > 1 pools that many times more batches and fits each
     step on the usual number of them, drawn from the pool (``sequence_minibatch``): whole batches, or with
-    ``draw="weights"`` as many samples drawn in proportion to their weights."""
+    ``draw="weights"`` as many samples drawn in proportion to their weights. ``settings`` override the
+    RGDM config (the target stays the pay-off at tau = 1)."""
     from rgdm.config import TrainConfig
     from rgdm.diffusion.analytic import exact_moments, gaussian_payoff
     from rgdm.training.loop import Trainer
@@ -125,10 +127,10 @@ def fit_from_reference_rollouts(tmp_path, steps: tuple[int, ...], break_referenc
     target_mean, target_cov = (v.float() for v in gaussian_payoff(*reference_moments, "linear", tau, a=a))
     # the path loss trains all 50 steps of every pooled trajectory: a smaller batch and pool keep it fast
     batch, pool = (128, 4) if loss == "denoising" else (64, 2)
-    config = RGDMConfig(variant="sequence", sampling_steps=50, batch_size=batch, tau=tau, normalize_rewards=False,
-                        sequence_loss=loss, sequence_proposal="reference", sequence_pool=pool * pool_scale,
-                        sequence_minibatch=pool if pool_scale > 1 else 0, sequence_replay=2, denoising_repeats=1,
-                        sequence_draw=draw)
+    config = RGDMConfig(**{"variant": "sequence", "sampling_steps": 50, "batch_size": batch, "tau": tau,
+                           "normalize_rewards": False, "sequence_loss": loss, "sequence_proposal": "reference",
+                           "sequence_pool": pool * pool_scale, "sequence_minibatch": pool if pool_scale > 1 else 0,
+                           "sequence_replay": 2, "denoising_repeats": 1, "sequence_draw": draw, **settings})
     objective = RGDMObjective(model, GaussianTask(2, lambda x: x @ a), config)
     if break_reference:
         objective.reference = model
@@ -216,6 +218,55 @@ def test_samples_drawn_by_weight_land_on_the_payoff(tmp_path, monkeypatch):
                         lambda *a: (torch.full_like(weighted(*a)[0], 1.0), weighted(*a)[1]))
     mean, *_ = averaged_fit()
     assert mean.norm() < 0.3 * target_mean.norm(), (mean, target_mean)
+
+
+def test_refreshed_reference_empties_the_pool():
+    """reference_refresh = 4 with a pool of 3 batches replayed twice: a refresh (steps 4, 8) drops the
+    batches drawn from the old copy, so the pool only ever holds roll-outs of the current reference.
+    Negative control: without the refresh the pool keeps its last three batches."""
+    def pooled_steps(refresh: int) -> list[list[int]]:
+        objective = sequence_objective(replay=2, pool=3, sequence_proposal="reference", reference_refresh=refresh)
+        model = copy.deepcopy(objective.reference).requires_grad_(True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen = []
+        for step in range(10):
+            loss, _ = objective.loss(model, step)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen.append([b.step for b in objective._pool])
+        return seen
+
+    assert pooled_steps(4) == [[0], [0], [0, 2], [0, 2], [4], [4], [4, 6], [4, 6], [8], [8]]
+    assert pooled_steps(0)[-1] == [4, 6, 8]
+    with pytest.raises(ConfigError, match="multiple of sequence_replay"):
+        RGDMConfig(variant="sequence", sequence_replay=2, sequence_pool=3, reference_refresh=3).validate()
+
+
+def refreshed_pooled_fit(tmp_path, **settings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The closed form fitted in 7 segments of 20 steps at tau = 2, each segment exact for the pay-off of
+    its copy (reference roll-outs, a pool emptied at each refresh, the exact path loss): the moments
+    averaged over the last segment's checkpoints, and the target's (the pay-off at tau = 1)."""
+    fits = list(fit_from_reference_rollouts(tmp_path, (120, 130, 140), loss="path", reference_refresh=20, tau=2.0,
+                                            **settings))
+    mean, cov = (torch.stack([fit[i] for fit in fits]).mean(0) for i in (1, 2))
+    return mean, cov, fits[0][3], fits[0][4]
+
+
+def test_refreshed_pooled_fit_mixed_with_the_base_settles_on_the_payoff(tmp_path):
+    """With reference_base_mix alpha = 0.5 the exact segments converge to the pay-off of the pre-trained
+    model at alpha · tau = 1, the closed form (the control is the next test)."""
+    mean, cov, target_mean, target_cov = refreshed_pooled_fit(tmp_path, reference_base_mix=0.5)
+    assert (mean - target_mean).norm() < 0.1 * target_mean.norm(), (mean, target_mean)
+    assert (cov - target_cov).abs().max() < 0.1, (cov, target_cov)
+
+
+def test_refreshed_pooled_fit_without_the_mix_climbs_past_the_payoff(tmp_path):
+    """Negative control: the same exact segments without the mix compound their tilts (each segment's
+    pay-off is the last copy's), ending well past the pay-off mean."""
+    mean, _, target_mean, _ = refreshed_pooled_fit(tmp_path)
+    a = torch.tensor([1.0, -0.6])
+    assert float(mean @ a) > 1.5 * float(target_mean @ a), (mean, target_mean)
 
 
 def test_samples_drawn_by_weight_are_an_unbiased_estimate_of_the_pooled_loss():

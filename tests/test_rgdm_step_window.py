@@ -472,8 +472,8 @@ def test_reference_refresh_copies_the_policy_every_r_steps():
         assert torch.equal(seen[step], policies[expected]), step
     frozen, policies = run(0)
     assert all(torch.equal(knots, policies[0]) for knots in frozen)
-    with pytest.raises(ConfigError, match="reference_refresh"):
-        RGDMConfig(variant="sequence", reference_refresh=2, sequence_pool=2).validate()
+    with pytest.raises(ConfigError, match="reference_refresh"):  # a refresh must start a fresh batch
+        RGDMConfig(variant="sequence", reference_refresh=3, sequence_replay=2).validate()
 
 
 def test_base_mix_reference_steps_are_the_geometric_mixture(molecule_objective):

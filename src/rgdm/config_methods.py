@@ -124,9 +124,10 @@ class RGDMConfig:
         if self.value_shrinkage and self.adapt_tau:
             raise ConfigError("rgdm.value_shrinkage and rgdm.adapt_tau: adapt_tau would rescale the shrunk values "
                               "back to its target ESS; use one of them")
-        if self.reference_refresh and self.variant == "sequence" and reuse:
-            raise ConfigError("rgdm.reference_refresh: a refreshed reference would make the replayed or pooled "
-                              "batches' weights stale; use sequence_replay: 1 and sequence_pool: 1")
+        if self.reference_refresh and self.variant == "sequence" and self.reference_refresh % self.sequence_replay:
+            raise ConfigError(f"rgdm.reference_refresh: a refresh empties the sequence level's pool and starts on a "
+                              f"fresh batch, so it must be a multiple of sequence_replay ({self.sequence_replay}), "
+                              f"got {self.reference_refresh}")
         if not 0.0 <= self.reference_base_mix < 1.0:
             raise ConfigError(f"rgdm.reference_base_mix: a share of the pre-trained model in [0, 1), "
                               f"got {self.reference_base_mix}")
