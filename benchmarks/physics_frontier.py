@@ -57,7 +57,8 @@ def family_of(label: str, heading: str) -> str:
 
 def table_rows(text: str) -> list[Row]:
     """Every row with a validity and a novelty, from every table of ``text`` that has both columns; a row
-    repeated from an earlier table (the same family and numbers) counts once."""
+    repeated from an earlier table (labelled "(table above)" or "(section above)", or a base row) counts
+    once."""
     rows: list[Row] = []
     seen: set[tuple] = set()
     lines = text.splitlines()
@@ -75,19 +76,22 @@ def table_rows(text: str) -> list[Row]:
                 break
             cells = [c.strip() for c in body.strip("|").split("|")]
             label = cells[0].replace("**", "").strip()
-            if label.startswith("same") or label.startswith("*"):
-                label = f"{previous} ({label})" if label.startswith("same") else label
-            else:
+            if label.startswith("same"):
+                label = f"{previous} ({label})"
+                if "raw weights" not in label:  # a variant of the row above: the parent of its own "same" rows
+                    previous = label
+            elif not label.startswith("*"):
                 previous = label
             validity, novelty = (cell_number(cells[c]) for c in columns)
             if validity is None or novelty is None:
                 continue
             fragments = cell_number(cells[single]) if single is not None else None
-            key = (family_of(previous or label, header[0]), validity, novelty, "raw weights" in label)
-            if key in seen:
+            family = family_of(previous or label, header[0])
+            key = (family, validity, novelty, "raw weights" in label)
+            if key in seen and ("above)" in label or family == "base"):
                 continue
             seen.add(key)
-            rows.append(Row(label, family_of(previous or label, header[0]), validity, novelty, fragments,
+            rows.append(Row(label, family, validity, novelty, fragments,
                             raw="raw weights" in label))
     return rows
 

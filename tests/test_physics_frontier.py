@@ -36,6 +36,7 @@ Some text | with a pipe.
 |---|---|---|
 | PPO-clip, EMA (table above) | 0.904 ± 0.008 | 0.813 ± 0.061 |
 | RGDM step level, EMA | 0.693 ± 0.013 | 0.801 ± 0.012 |
+| RGDM sequence level, EMA | 0.693 ± 0.020 | 0.801 ± 0.009 |
 """
 
 
@@ -50,7 +51,8 @@ def test_rows_carry_means_families_and_raw_weights():
         # the per-seed table has no means and is skipped
         ("base", 0.616, 0.838, None, False),
         ("pay-off", 0.996, 0.861, None, False),
-        # the PPO-clip row repeated from the table above counts once
+        # the PPO-clip row repeated from the table above counts once; two runs with equal means count twice
+        ("RGDM", 0.693, 0.801, None, False),
         ("RGDM", 0.693, 0.801, None, False),
     ], summary
     assert rows[2].label == "PPO-clip, EMA (same, raw weights)"

@@ -79,8 +79,11 @@ def test_reusing_the_policys_batches_with_the_path_loss_is_refused(reuse):
     RGDMConfig(variant="sequence", sequence_loss="path", sequence_proposal="reference", **reuse).validate()
 
 
-@pytest.mark.parametrize("minibatch,draw", [(0, "batches"), (1, "batches"), (1, "weights")])
-def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, minibatch, draw):
+@pytest.mark.parametrize("minibatch,draw,refresh", [(0, "batches", 0), (1, "batches", 0), (1, "weights", 0),
+                                                    (0, "batches", 3)])
+def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, minibatch, draw, refresh):
+    """Stopped after step 4 of a batch replayed for steps 3-5 and resumed; with ``refresh`` 3 the reference
+    was refreshed at step 3, so the pool then holds that one batch (else two)."""
     from rgdm.config import FinetuneConfig, TrainConfig
     from rgdm.training.checkpoint import checkpoint_paths, load_checkpoint
     from rgdm.training.finetune import finetune
@@ -89,7 +92,8 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, mi
         return FinetuneConfig(
             name="ft", base=str(tiny_pretrained), reward={"name": "qed", "method": "edm", "backend": "inline"},
             rgdm=RGDMConfig(variant="sequence", batch_size=4, sampling_steps=6, sequence_replay=3, sequence_pool=2,
-                            sequence_minibatch=minibatch, sequence_draw=draw, denoising_repeats=1),
+                            sequence_minibatch=minibatch, sequence_draw=draw, denoising_repeats=1,
+                            reference_refresh=refresh),
             train=TrainConfig(steps=steps, lr=1e-3, ema_decay=0.0, log_every=1, val_every=100, checkpoint_every=100),
             eval_samples=0).validate()
 
@@ -98,7 +102,7 @@ def test_resume_mid_sequence_replay_is_bit_for_bit(tmp_path, tiny_pretrained, mi
 
     finetune(config(5), tmp_path / "a", progress=False, tensorboard=False)
     finetune(config(4), tmp_path / "b", progress=False, tensorboard=False)  # steps 3..5 replay, two batches pooled
-    assert len(final(tmp_path / "b")["objective"]["sequence_pool"]) == 2
+    assert len(final(tmp_path / "b")["objective"]["sequence_pool"]) == (1 if refresh else 2)
     finetune(config(5), tmp_path / "b", resume=True, progress=False, tensorboard=False)
     a, b = final(tmp_path / "a"), final(tmp_path / "b")
     assert a["objective"]["reward_calls"] == b["objective"]["reward_calls"] == 8
@@ -220,12 +224,14 @@ def test_samples_drawn_by_weight_land_on_the_payoff(tmp_path, monkeypatch):
     assert mean.norm() < 0.3 * target_mean.norm(), (mean, target_mean)
 
 
-def test_refreshed_reference_empties_the_pool():
+@pytest.mark.parametrize("proposal", ["reference", "policy"])
+def test_refreshed_reference_empties_the_pool(proposal):
     """reference_refresh = 4 with a pool of 3 batches replayed twice: a refresh (steps 4, 8) drops the
-    batches drawn from the old copy, so the pool only ever holds roll-outs of the current reference.
+    batches drawn before it, whose weights were measured against the old copy, so the pool only ever
+    holds roll-outs weighted toward the current reference (and holds at most R / replay = 2 batches).
     Negative control: without the refresh the pool keeps its last three batches."""
     def pooled_steps(refresh: int) -> list[list[int]]:
-        objective = sequence_objective(replay=2, pool=3, sequence_proposal="reference", reference_refresh=refresh)
+        objective = sequence_objective(replay=2, pool=3, sequence_proposal=proposal, reference_refresh=refresh)
         model = copy.deepcopy(objective.reference).requires_grad_(True)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         seen = []

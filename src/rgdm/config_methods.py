@@ -125,8 +125,8 @@ class RGDMConfig:
             raise ConfigError("rgdm.value_shrinkage and rgdm.adapt_tau: adapt_tau would rescale the shrunk values "
                               "back to its target ESS; use one of them")
         if self.reference_refresh and self.variant == "sequence" and self.reference_refresh % self.sequence_replay:
-            raise ConfigError(f"rgdm.reference_refresh: a refresh empties the sequence level's pool and starts on a "
-                              f"fresh batch, so it must be a multiple of sequence_replay ({self.sequence_replay}), "
+            raise ConfigError(f"rgdm.reference_refresh: a refresh empties the sequence level's pool; a multiple of "
+                              f"sequence_replay ({self.sequence_replay}) lets each batch finish its replays first, "
                               f"got {self.reference_refresh}")
         if not 0.0 <= self.reference_base_mix < 1.0:
             raise ConfigError(f"rgdm.reference_base_mix: a share of the pre-trained model in [0, 1), "
