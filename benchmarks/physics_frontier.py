@@ -86,13 +86,12 @@ def table_rows(text: str) -> list[Row]:
             if validity is None or novelty is None:
                 continue
             fragments = cell_number(cells[single]) if single is not None else None
-            family = family_of(previous or label, header[0])
-            key = (family, validity, novelty, "raw weights" in label)
+            family, raw = family_of(previous or label, header[0]), "raw weights" in label
+            key = (family, validity, novelty, raw)
             if key in seen and ("above)" in label or family == "base"):
                 continue
             seen.add(key)
-            rows.append(Row(label, family, validity, novelty, fragments,
-                            raw="raw weights" in label))
+            rows.append(Row(label, family, validity, novelty, fragments, raw))
     return rows
 
 
