@@ -18,6 +18,11 @@ Amortisation (N*): the fine-tuned model's plain samples cost no reward call, so 
 sampling-time method on the pre-trained model that reaches at least their reward (best-of-2, SMC or
 SVDD), RGDM is cheaper in reward calls beyond N* = training calls / calls per sample of that method.
 
+``--finetuned`` steers a checkpoint fine-tuned elsewhere instead (``{seed}`` in the path is replaced by
+each seed), e.g. a model fine-tuned toward physical validity with ``benchmarks/physics.py`` and steered
+toward the xTB gap. Its training calls are those of its own reward; N* is given only when that reward is
+the one steered toward.
+
 Runs write ``<out>/s<seed>.json`` and are skipped when present; ``<out>/results.md`` holds the table.
 """
 
@@ -70,6 +75,25 @@ def sample_rows(model, task, args: argparse.Namespace, seed: int) -> dict[str, d
     return rows
 
 
+def load_finetuned(source: str, pretrained_spec: dict) -> tuple[torch.nn.Module, dict]:
+    """A checkpoint fine-tuned elsewhere (EMA weights when it kept them) and what its fine-tuning spent:
+    reward calls, the reward's name and the optimizer steps."""
+    from rgdm.runs import load_model, resolve_checkpoint
+    from rgdm.training.checkpoint import load_checkpoint
+
+    path = resolve_checkpoint(source)
+    finetuned = load_model(path)
+    if finetuned.spec.to_dict() != pretrained_spec:
+        raise SystemExit(f"{path}: not a fine-tune of qm9-noh-small (its model spec differs)")
+    state = load_checkpoint(path)
+    calls = state.get("objective", {}).get("reward_calls")
+    if calls is None:
+        raise SystemExit(f"{path}: the checkpoint does not record its reward calls (not a fine-tuning run?)")
+    reward = state["config"].get("reward", {}).get("name", "unknown")
+    return finetuned.model, {"checkpoint": str(path), "reward": reward, "reward_calls": int(calls),
+                             "iterations": int(state["step"])}
+
+
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     from rgdm.rewards import make_reward
     from rgdm.runs import load_model
@@ -79,15 +103,22 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(seed)
     with make_reward(REWARDS[args.reward]) as reward:
         task = training_task(loaded, reward, args, seed)
-        print(f"seed {seed}: fine-tuning with {args.setting!r} ...", flush=True)
-        training = next(fine_tune(args.setting, seed, args, loaded.model, task, [args.budget]))
+        if args.finetuned:
+            setting = f"checkpoint {args.finetuned}"
+            finetuned, training = load_finetuned(args.finetuned.format(seed=seed), loaded.spec.to_dict())
+        else:
+            setting = args.setting
+            print(f"seed {seed}: fine-tuning with {args.setting!r} ...", flush=True)
+            training = {**next(fine_tune(args.setting, seed, args, loaded.model, task, [args.budget])),
+                        "reward": REWARDS[args.reward]["name"]}
+            finetuned = loaded.model
         print(f"  {training}", flush=True)
         print("  pre-trained:", flush=True)
         before = sample_rows(pretrained, task, args, seed)
         print("  fine-tuned:", flush=True)
-        after = sample_rows(loaded.model, task, args, seed)
-    return {"seed": seed, "setting": args.setting, "training": training, "pretrained": before,
-            "finetuned": after}
+        after = sample_rows(finetuned, task, args, seed)
+    return {"seed": seed, "setting": setting, "reward": REWARDS[args.reward]["name"], "training": training,
+            "pretrained": before, "finetuned": after}
 
 
 def crossover(run: dict) -> tuple[float, str] | None:
@@ -118,8 +149,15 @@ def table(runs: list[dict]) -> str:
                          f"{mean_se([r['validity'] for r in rows])} | {mean_se([r['uniqueness'] for r in rows])} | "
                          f"{gain} |")
     calls = np.mean([r["training"]["reward_calls"] for r in runs])
-    lines.append(f"\nFine-tuning: {runs[0]['setting']!r}, {calls:,.0f} training reward calls on average, "
+    trained_on = {r["training"].get("reward", r.get("reward")) for r in runs}  # older runs name neither
+    steered_to = {r.get("reward") for r in runs}
+    named = ", ".join(sorted(name for name in trained_on if name))
+    lines.append(f"\nFine-tuning: {runs[0]['setting']!r}, {calls:,.0f} training reward calls"
+                 f"{f' of {named}' if named else ''} on average, "
                  f"seeds {', '.join(str(r['seed']) for r in runs)}.")
+    if trained_on != steered_to:  # calls of another reward: no break-even in calls of this one
+        lines.append("N*: not defined, the model was fine-tuned on another reward than the one steered toward.")
+        return "\n".join(lines)
     stars = [crossover(r) for r in runs]
     lines.append("N* (training calls / calls per sample of the cheapest pre-trained sampling-time method that "
                  "reaches the fine-tuned model's plain reward), per seed: "
@@ -130,6 +168,8 @@ def table(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", default="window", help="a setting of benchmarks/step_ablation.py")
+    parser.add_argument("--finetuned", help="steer this fine-tuned checkpoint instead of fine-tuning ({seed} is "
+                        "replaced by the seed), e.g. runs/phys_s{seed}/rgdm_reference-s{seed}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--budget", type=int, default=792, help="training reward calls of the fine-tuning")
     add_fine_tuning_arguments(parser)  # --reward, --steps (also every sampler's), --batch, --tau, --lr, ...
