@@ -124,14 +124,25 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 def crossover(run: dict) -> tuple[float, str] | None:
     """N* and the sampler it is measured against: the cheapest sampling-time method on the pre-trained
     model (calls per sample) whose mean reward reaches the fine-tuned model's plain samples; None when
-    none does (RGDM is then ahead at every N)."""
+    none does (RGDM is then ahead at every N); infinite when the pre-trained model's own samples already
+    reach it (the fine-tuning bought nothing, so it never pays for itself)."""
     level = run["finetuned"]["plain"]["reward"]
+    if run["pretrained"]["plain"]["reward"] >= level:
+        return math.inf, "plain"
     reaching = [(row["calls_per_sample"], name) for name, row in run["pretrained"].items()
                 if name != "plain" and row["reward"] >= level]
     if not reaching:
         return None
     calls, name = min(reaching)
     return run["training"]["reward_calls"] / calls, name
+
+
+def star_text(star: tuple[float, str] | None) -> str:
+    if star is None:
+        return "none reaches it"
+    if math.isinf(star[0]):
+        return "never (the pre-trained model's plain samples are as good)"
+    return f"{star[0]:,.0f} (vs {star[1]})"
 
 
 def table(runs: list[dict]) -> str:
@@ -161,7 +172,7 @@ def table(runs: list[dict]) -> str:
     stars = [crossover(r) for r in runs]
     lines.append("N* (training calls / calls per sample of the cheapest pre-trained sampling-time method that "
                  "reaches the fine-tuned model's plain reward), per seed: "
-                 + ", ".join("none reaches it" if s is None else f"{s[0]:,.0f} (vs {s[1]})" for s in stars) + ".")
+                 + ", ".join(star_text(s) for s in stars) + ".")
     return "\n".join(lines)
 
 

@@ -32,6 +32,9 @@ def test_crossover_uses_the_cheapest_method_that_reaches_the_level():
     assert steer.crossover(run(0, level=0.0, best_of_2=0.2, smc=0.5, svdd=0.4)) == (420.0, "best_of_2")
     assert steer.crossover(run(0, level=0.3, best_of_2=0.2, smc=0.5, svdd=0.4)) == (pytest.approx(7.0), "svdd")
     assert steer.crossover(run(0, level=0.6, best_of_2=0.2, smc=0.5, svdd=0.4)) is None
+    # no better than the pre-trained model's own samples (-0.2): the fine-tuning never pays for itself
+    assert steer.crossover(run(0, level=-0.3, best_of_2=0.2, smc=0.5, svdd=0.4)) == (float("inf"), "plain")
+    assert "never (the pre-trained" in steer.table([run(0, -0.3, 0.2, 0.5, 0.4)])
 
 
 def test_table_pairs_gains_by_seed():
