@@ -78,20 +78,19 @@ def sample_rows(model, task, args: argparse.Namespace, seed: int) -> dict[str, d
 def load_finetuned(source: str, pretrained_spec: dict) -> tuple[torch.nn.Module, dict]:
     """A checkpoint fine-tuned elsewhere (EMA weights when it kept them) and what its fine-tuning spent:
     reward calls, the reward's name and the optimizer steps."""
-    from rgdm.runs import load_model, resolve_checkpoint
+    from rgdm.runs import ModelSpec, load_model, resolve_checkpoint
     from rgdm.training.checkpoint import load_checkpoint
 
     path = resolve_checkpoint(source)
-    finetuned = load_model(path)
-    if finetuned.spec.to_dict() != pretrained_spec:
+    state = load_checkpoint(path)  # checked before a model is built from it
+    if ModelSpec.from_dict(state["model_spec"]).to_dict() != pretrained_spec:
         raise SystemExit(f"{path}: not a fine-tune of qm9-noh-small (its model spec differs)")
-    state = load_checkpoint(path)
     calls = state.get("objective", {}).get("reward_calls")
     if calls is None:
         raise SystemExit(f"{path}: the checkpoint does not record its reward calls (not a fine-tuning run?)")
     reward = state["config"].get("reward", {}).get("name", "unknown")
-    return finetuned.model, {"checkpoint": str(path), "reward": reward, "reward_calls": int(calls),
-                             "iterations": int(state["step"])}
+    return load_model(path).model, {"checkpoint": str(path), "reward": reward, "reward_calls": int(calls),
+                                    "iterations": int(state["step"])}
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
