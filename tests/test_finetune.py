@@ -29,7 +29,7 @@ def final_state(run_dir):
 
 REFRESHED = {"variant": "sequence", "sequence_loss": "path", "reference_refresh": 2, "first_step_kl": 1.0}
 # the base mix and the atom-type KL each keep a frozen copy of the pre-trained model in the objective
-MIXED = {"variant": "step", "reference_refresh": 2, "reference_base_mix": 0.3, "first_step_kl": 1.0,
+MIXED = {"variant": "step", "replay": 2, "reference_refresh": 2, "reference_base_mix": 0.3, "first_step_kl": 1.0,
          "atom_type_kl": 1.0}
 
 

@@ -245,7 +245,7 @@ def test_refreshed_reference_empties_the_pool(proposal):
 
     assert pooled_steps(4) == [[0], [0], [0, 2], [0, 2], [4], [4], [4, 6], [4, 6], [8], [8]]
     assert pooled_steps(0)[-1] == [4, 6, 8]
-    with pytest.raises(ConfigError, match="multiple of sequence_replay"):
+    with pytest.raises(ConfigError, match=r"multiple of sequence_replay \(2\)"):
         RGDMConfig(variant="sequence", sequence_replay=2, sequence_pool=3, reference_refresh=3).validate()
 
 

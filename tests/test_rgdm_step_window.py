@@ -476,11 +476,35 @@ def test_reference_refresh_copies_the_policy_every_r_steps():
         RGDMConfig(variant="sequence", reference_refresh=3, sequence_replay=2).validate()
 
 
+def test_refreshed_reference_empties_the_explored_pool():
+    """reference_refresh = 4 with the last 3 explored batches pooled and each replayed twice: a refresh
+    (steps 4, 8) drops the explorations weighted toward the old copy's pay-off, so the step level, like
+    the sequence level, fits each segment's own pay-off. Negative control: without the refresh the pool
+    keeps its last three batches."""
+    def pooled_steps(refresh: int) -> list[list[int]]:
+        objective = gaussian_objective(replay=2, explored_pool=3, reference_refresh=refresh)
+        model = copy.deepcopy(objective.reference).requires_grad_(True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        seen = []
+        for step in range(10):
+            loss, _ = objective.loss(model, step)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen.append([cached[0] for cached in objective._explored])
+        return seen
+
+    assert pooled_steps(4) == [[0], [0], [0, 2], [0, 2], [4], [4], [4, 6], [4, 6], [8], [8]]
+    assert pooled_steps(0)[-1] == [4, 6, 8]
+    with pytest.raises(ConfigError, match=r"multiple of replay \(2\)"):  # a refresh must start a fresh batch
+        RGDMConfig(variant="step", replay=2, reference_refresh=3).validate()
+
+
 def test_base_mix_reference_steps_are_the_geometric_mixture(molecule_objective):
     """After a refresh with reference_base_mix alpha, each reverse step of pi_ref on molecules (positions
     and features) has the mean (1 - alpha) · policy's + alpha · pre-trained model's and their std."""
     alpha = 0.3
-    objective = molecule_objective(reference_refresh=1, reference_base_mix=alpha)
+    objective = molecule_objective(replay=1, reference_refresh=1, reference_base_mix=alpha)
     pretrained = objective.task.model  # the model the objective was built from
     policy = copy.deepcopy(pretrained)
     with torch.no_grad():

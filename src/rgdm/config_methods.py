@@ -124,10 +124,12 @@ class RGDMConfig:
         if self.value_shrinkage and self.adapt_tau:
             raise ConfigError("rgdm.value_shrinkage and rgdm.adapt_tau: adapt_tau would rescale the shrunk values "
                               "back to its target ESS; use one of them")
-        if self.reference_refresh and self.variant == "sequence" and self.reference_refresh % self.sequence_replay:
-            raise ConfigError(f"rgdm.reference_refresh: a refresh empties the sequence level's pool; a multiple of "
-                              f"sequence_replay ({self.sequence_replay}) lets each batch finish its replays first, "
-                              f"got {self.reference_refresh}")
+        replay_key = "sequence_replay" if self.variant == "sequence" else "replay"
+        replay = getattr(self, replay_key)
+        if self.reference_refresh and self.reference_refresh % replay:
+            raise ConfigError(f"rgdm.reference_refresh: a refresh empties the {self.variant} level's pool of "
+                              f"weighted batches; a multiple of {replay_key} ({replay}) lets each batch finish its "
+                              f"replays first, got {self.reference_refresh}")
         if not 0.0 <= self.reference_base_mix < 1.0:
             raise ConfigError(f"rgdm.reference_base_mix: a share of the pre-trained model in [0, 1), "
                               f"got {self.reference_base_mix}")

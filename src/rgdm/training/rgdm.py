@@ -210,13 +210,17 @@ class RGDMObjective:
 
     def _refresh_reference(self, model: GaussianDiffusion) -> None:
         """Copy the policy into pi_ref (into its mixed share, with ``reference_base_mix``), and empty the
-        sequence level's pool: its samples are weighted toward the old copy's pay-off, so each segment
-        fits its own pay-off on roll-outs drawn after the refresh."""
+        pools of weighted batches (the sequence level's roll-outs, the step level's explorations): their
+        weights point toward the old copy's pay-off, so each segment fits its own pay-off on batches
+        drawn after the refresh (a refresh falls on a fresh batch: ``reference_refresh`` is a multiple
+        of the replay)."""
         if isinstance(self.reference.denoiser, MixedDenoiser):
             self.reference.denoiser.current.load_state_dict(model.denoiser.state_dict())
         else:
             self.reference.load_state_dict(model.state_dict())
         self._pool = []
+        self._explored = []
+        self._replay_cache = None
 
     def _weights(self, values: Tensor, log_base: Tensor, targets: Tensor | None,
                  fit_normalizer: bool = True, candidates: bool = True) -> tuple[Tensor, Tensor]:
