@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -254,10 +252,7 @@ def test_molecule_batch_is_accepted():
 # --------------------------------------------------------------------------- EDM data row
 def test_reproduces_edm_data_row_on_qm9_test_with_hydrogens(qm9_test_with_h):
     molecules = dataset_molecules(qm9_test_with_h, fixed_subset(qm9_test_with_h, 3000))
-    start = time.perf_counter()
-    metrics = evaluate_molecules(molecules)
-    throughput = len(molecules) / (time.perf_counter() - start)
+    metrics = evaluate_molecules(molecules)  # its speed is measured in benchmarks/throughput.py
     for key, edm_percent in EDM_DATA_ROW.items():
         assert 100 * metrics[key] == pytest.approx(edm_percent, abs=TOLERANCE_POINTS), key
     assert metrics["uniqueness"] > 0.99  # QM9 molecules are distinct up to stereo
-    assert throughput > 500, f"{throughput:.0f} molecules/s"

@@ -76,7 +76,7 @@ def test_base_mix_needs_a_refreshed_reference():
     with pytest.raises(ConfigError, match="reference_base_mix"):
         RGDMConfig(reference_base_mix=0.5).validate()
     with pytest.raises(ConfigError, match="reference_base_mix"):
-        RGDMConfig(reference_refresh=10, reference_base_mix=1.0).validate()
+        RGDMConfig(reference_refresh=12, reference_base_mix=1.0).validate()
 
 
 def test_step_level_fails_without_the_proposal_correction(tmp_path, monkeypatch):
