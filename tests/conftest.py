@@ -37,6 +37,25 @@ def qm9_all():
     return load_qm9("all")
 
 
+def pool_after_each_step(objective, pooled_steps, steps: int = 10, lr: float = 0.1) -> list[list[int]]:
+    """Train a copy of ``objective``'s reference for ``steps`` SGD steps; after each, the steps at which
+    the batches it still keeps were drawn (``pooled_steps(objective)``)."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(objective.reference).requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    seen = []
+    for step in range(steps):
+        loss, _ = objective.loss(model, step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen.append(pooled_steps(objective))
+    return seen
+
+
 def tiny_run_config(steps: int, **train):
     """A tiny QM9 (no H) pre-training config: 256 molecules, a 2-layer EGNN, 50 diffusion steps."""
     from rgdm.config import RunConfig, from_dict

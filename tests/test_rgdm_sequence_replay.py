@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from conftest import pool_after_each_step
 from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
 from rgdm.training.rgdm import RGDMObjective
@@ -232,16 +233,7 @@ def test_refreshed_reference_empties_the_pool(proposal):
     Negative control: without the refresh the pool keeps its last three batches."""
     def pooled_steps(refresh: int) -> list[list[int]]:
         objective = sequence_objective(replay=2, pool=3, sequence_proposal=proposal, reference_refresh=refresh)
-        model = copy.deepcopy(objective.reference).requires_grad_(True)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        seen = []
-        for step in range(10):
-            loss, _ = objective.loss(model, step)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            seen.append([b.step for b in objective._pool])
-        return seen
+        return pool_after_each_step(objective, lambda o: [batch.step for batch in o._pool])
 
     assert pooled_steps(4) == [[0], [0], [0, 2], [0, 2], [4], [4], [4, 6], [4, 6], [8], [8]]
     assert pooled_steps(0)[-1] == [4, 6, 8]

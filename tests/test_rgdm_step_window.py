@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from conftest import pool_after_each_step
 from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
 from rgdm.training.payoff_weights import value_signal_fraction
@@ -483,16 +484,7 @@ def test_refreshed_reference_empties_the_explored_pool():
     keeps its last three batches."""
     def pooled_steps(refresh: int) -> list[list[int]]:
         objective = gaussian_objective(replay=2, explored_pool=3, reference_refresh=refresh)
-        model = copy.deepcopy(objective.reference).requires_grad_(True)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        seen = []
-        for step in range(10):
-            loss, _ = objective.loss(model, step)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            seen.append([cached[0] for cached in objective._explored])
-        return seen
+        return pool_after_each_step(objective, lambda o: [cached[0] for cached in o._explored], lr=0.05)
 
     assert pooled_steps(4) == [[0], [0], [0, 2], [0, 2], [4], [4], [4, 6], [4, 6], [8], [8]]
     assert pooled_steps(0)[-1] == [4, 6, 8]
