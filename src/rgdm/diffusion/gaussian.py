@@ -195,15 +195,17 @@ class GaussianDiffusion(nn.Module):
 
     def step(self, z_t: Tensor, t: Tensor, s: Tensor, node_mask: Tensor | None = None,
              context: Tensor | None = None, eta: float = 1.0, generator=None,
-             z_s: Tensor | None = None, noise: Tensor | None = None) -> StepOutput:
-        """Take (or, given ``z_s``, score) one reverse step; ``noise`` replaces the draw from ``generator``."""
+             z_s: Tensor | None = None, noise: Tensor | None = None, score: bool = True) -> StepOutput:
+        """Take (or, given ``z_s``, score) one reverse step; ``noise`` replaces the draw from ``generator``.
+        ``score=False`` skips the log-probability (``None``) where only the sample is used."""
         mean, std = self.step_distribution(z_t, t, s, node_mask, context, eta)
         if z_s is None:
             if noise is None:
                 noise = self.noise(mean, node_mask, generator)
             z_s = mean + self._scale(std, mean) * noise
-        deterministic = bool((std == 0).all())
-        log_prob = None if deterministic else self.log_prob(z_s, mean, std, node_mask)
+        log_prob = None
+        if score and not bool((std == 0).all()):
+            log_prob = self.log_prob(z_s, mean, std, node_mask)
         return StepOutput(mean=mean, std=std, log_prob=log_prob, sample=z_s)
 
     def time_grid(self, num_steps: int | None = None) -> list[int]:
@@ -236,7 +238,7 @@ class GaussianDiffusion(nn.Module):
         for t_int, s_int in pairs:
             t = torch.full((batch,), t_int, device=z.device, dtype=torch.long)
             s = torch.full((batch,), s_int, device=z.device, dtype=torch.long)
-            z = self.step(z, t, s, node_mask, context, eta, generator).sample
+            z = self.step(z, t, s, node_mask, context, eta, generator, score=False).sample
             if return_trajectory:
                 trajectory.append(z)
         x = self.predict_x0(z, torch.zeros(batch, dtype=torch.long, device=z.device), node_mask, context)

@@ -452,7 +452,7 @@ def explore_sample(model: GaussianDiffusion, task: Task, config: RGDMConfig, n: 
         if i not in window:  # outside the explored window: the model's own step, no reward call
             t, s = sampler._times(t_int, s_int, n)
             z = model.step(z, t, s, cond.node_mask, cond.context, eta=config.eta,
-                           noise=shard.noise(model, generator)).sample
+                           noise=shard.noise(model, generator), score=False).sample
             continue
         exp = sampler.explore(z, t_int, s_int, shard, generator)
         weights, _ = sampler._weights(exp.values, exp.log_proposal_ratio, cond.targets)

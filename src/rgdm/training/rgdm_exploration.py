@@ -73,14 +73,14 @@ def lookahead(objective: RGDMObjective, z_s: Tensor, s_int: int, cond: Condition
             t, s = objective._times(a, b, n * m)
             noise = (shard.noise(ref, generator, repeats * m) if shard is not None
                      else ref.noise(z, cond_m.node_mask, generator))
-            z = ref.step(z, t, s, cond_m.node_mask, cond_m.context, eta=cfg.eta, noise=noise).sample
+            z = ref.step(z, t, s, cond_m.node_mask, cond_m.context, eta=cfg.eta, noise=noise, score=False).sample
         scores = reference_score(objective, z, cond_m)
         return scores.values.view(n, m), scores.valid.view(n, m)
     if cfg.lookahead == "rollout" and s_int > 0:
         z = z_s
         for a, b in zip(*continuation_pairs(objective, s_int)):
             t, s = objective._times(a, b, n)
-            z = ref.step(z, t, s, cond.node_mask, cond.context, eta=0.0).sample
+            z = ref.step(z, t, s, cond.node_mask, cond.context, eta=0.0, score=False).sample
         scores = reference_score(objective, z, cond)
     else:
         scores = reference_score(objective, z_s, cond, t_int=s_int)
