@@ -102,6 +102,13 @@ def test_each_domain_builds_a_tiny_model_that_samples_in_its_state_space(name, s
     # the objective of pre-training gives a finite loss on this model
     loss, _ = domain.pretrain_objective(config, data, "cpu").loss(model, 0)
     assert torch.isfinite(loss)
+    # a reverse step taken with score=False (sampling, look-aheads) is the same step without its log-prob
+    z = model.sample_prior(tuple(samples.x.shape), samples.node_mask, torch.Generator().manual_seed(1))
+    t, s = torch.full((4,), model.timesteps), torch.full((4,), model.timesteps // 2)
+    noise = model.noise(z, samples.node_mask, torch.Generator().manual_seed(2))
+    scored, unscored = (model.step(z, t, s, samples.node_mask, noise=noise, score=score) for score in (True, False))
+    assert torch.equal(scored.sample, unscored.sample) and torch.equal(scored.mean, unscored.mean)
+    assert unscored.log_prob is None and torch.isfinite(scored.log_prob).all()
 
 
 def test_the_analytic_domain_runs_through_the_shared_commands(tmp_path, monkeypatch, capsys, single_thread):
