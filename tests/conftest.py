@@ -37,23 +37,31 @@ def qm9_all():
     return load_qm9("all")
 
 
-def pool_after_each_step(objective, pooled_steps, steps: int = 10, lr: float = 0.1) -> list[list[int]]:
-    """Train a copy of ``objective``'s reference for ``steps`` SGD steps; after each, the steps at which
-    the batches it still keeps were drawn (``pooled_steps(objective)``)."""
+def sgd_train(objective, steps: int, lr: float, after_step=None, model=None) -> tuple:
+    """``steps`` plain SGD steps (no momentum) on ``objective.loss``; ``model`` defaults to a trainable copy
+    of the objective's reference. Returns the model and ``after_step(model, loss)`` after each step."""
     import copy
 
     import torch
 
-    model = copy.deepcopy(objective.reference).requires_grad_(True)
+    if model is None:
+        model = copy.deepcopy(objective.reference).requires_grad_(True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    seen = []
+    records = []
     for step in range(steps):
         loss, _ = objective.loss(model, step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        seen.append(pooled_steps(objective))
-    return seen
+        if after_step is not None:
+            records.append(after_step(model, loss))
+    return model, records
+
+
+def pool_after_each_step(objective, pooled_steps, steps: int = 10, lr: float = 0.1) -> list[list[int]]:
+    """Train a copy of ``objective``'s reference for ``steps`` SGD steps; after each, the steps at which
+    the batches it still keeps were drawn (``pooled_steps(objective)``)."""
+    return sgd_train(objective, steps, lr, lambda model, loss: pooled_steps(objective))[1]
 
 
 def tiny_run_config(steps: int, **train):

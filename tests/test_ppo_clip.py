@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import sgd_train
 from rgdm.config import FinetuneConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
 from rgdm.training.ddpo import DDPOConfig, DDPOObjective, batch_advantages
@@ -28,14 +29,8 @@ def drift_over_replays(clip_range: float, epochs: int = 40) -> list[float]:
     config = DDPOConfig(variant="is", batch_size=64, sampling_steps=20, inner_epochs=epochs, minibatches=1,
                         clip_range=clip_range, advantage_baseline="batch")
     objective = DDPOObjective(model, GaussianTask(2, lambda x: x @ A), config, seed=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    drift = []
-    for step in range(epochs):
-        loss, _ = objective.loss(model, step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        drift.append((parameters(model) - start).norm().item())
+    _, drift = sgd_train(objective, epochs, 1.0, lambda model, loss: (parameters(model) - start).norm().item(),
+                         model=model)
     assert objective.reward_calls == 64  # every update replayed the one batch
     return drift
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from conftest import pool_after_each_step
+from conftest import pool_after_each_step, sgd_train
 from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
 from rgdm.training.rgdm import RGDMObjective
@@ -27,17 +27,9 @@ def sequence_objective(replay: int = 1, pool: int = 1, **config) -> RGDMObjectiv
 
 
 def train(objective: RGDMObjective, steps: int) -> tuple[list[int], list[float]]:
-    model = copy.deepcopy(objective.reference).requires_grad_(True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    calls, losses = [], []
-    for step in range(steps):
-        loss, _ = objective.loss(model, step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        calls.append(objective.reward_calls)
-        losses.append(loss.item())
-    return calls, losses
+    _, records = sgd_train(objective, steps, 0.1, lambda model, loss: (objective.reward_calls, loss.item()))
+    calls, losses = zip(*records)
+    return list(calls), list(losses)
 
 
 def test_replay_reuses_the_weighted_batch_without_new_reward_calls():

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from conftest import pool_after_each_step
+from conftest import pool_after_each_step, sgd_train
 from rgdm.config import ConfigError, RGDMConfig
 from rgdm.diffusion.analytic import standard_gaussian_diffusion
 from rgdm.training.payoff_weights import value_signal_fraction
@@ -73,16 +73,8 @@ def test_replay_reuses_an_explored_batch_without_new_reward_calls():
     """replay = 3: reward calls at steps 0 and 3 only; in between the loss is recomputed on the cached
     targets with the moved policy (the targets are relative to pi_ref, so they stay valid)."""
     objective = gaussian_objective(replay=3, explore_steps=2)
-    model = copy.deepcopy(objective.reference).requires_grad_(True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    calls, losses = [], []
-    for step in range(6):
-        loss, metrics = objective.loss(model, step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        calls.append(objective.reward_calls)
-        losses.append(loss.item())
+    model, records = sgd_train(objective, 6, 0.5, lambda model, loss: (objective.reward_calls, loss.item()))
+    calls, losses = (list(column) for column in zip(*records))
     per_batch = calls[0]
     assert per_batch > 0
     assert calls == [per_batch] * 3 + [2 * per_batch] * 3, calls
@@ -345,13 +337,7 @@ def early_offsets_after_training(steps: int = 12, **config) -> Tensor:
     """The offset knots e(t) of the analytic model for t >= 50 (steps no window below reaches) after
     ``steps`` SGD steps of the step level on the linear reward x_1 + x_2, window t <= 0.3 T."""
     objective = gaussian_objective(explore_t_max=0.3, explore_steps=2, batch_size=16, replay=1, **config)
-    model = copy.deepcopy(objective.reference).requires_grad_(True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(steps):
-        loss, metrics = objective.loss(model, step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    model, _ = sgd_train(objective, steps, 0.05)
     return model.denoiser.knots.detach()[10:]
 
 
